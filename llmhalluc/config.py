@@ -1,0 +1,387 @@
+"""Experiment configuration: flat YAML keys owned by typed dataclasses, `base:` inheritance, key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmhalluc.errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+REPORTERS = ("none", "wandb")
+
+# Keys that configs written for other trainers carry, with what to do instead.
+FOREIGN_KEYS = {
+    "deepspeed": "DeepSpeed is chosen by the accelerate config: accelerate launch --config_file "
+    "accelerate_configs/zero3.yaml train/sft.py ...",
+    "fsdp": "FSDP is not supported; use a DeepSpeed ZeRO-3 accelerate config",
+    "local_rank": "ranks come from accelerate launch",
+    "cutoff_len": "use max_length",
+    "fp16": "fp16 is not supported; use bf16",
+    "stage": "llmhalluc only does supervised fine-tuning",
+    "do_train": "train/sft.py always trains",
+    "finetuning_type": "llmhalluc does full fine-tuning",
+    "val_size": "name a held-out set with eval_dataset",
+    "overwrite_cache": "the cache is keyed by every setting that changes the data",
+    "model_name": "use model_name_or_path",
+}
+
+
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    minimum: float | None = None,
+    exclusive: bool = False,
+    required: bool = False,
+    default_factory: Any = None,
+) -> Any:
+    """A config field: default, help text for the README, and the smallest allowed value."""
+    metadata = {"help": help, "minimum": minimum, "exclusive": exclusive, "required": required}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    model_name_or_path: str = option("", "Hub id or local folder of the model and tokenizer.", required=True)
+    template: str | None = option(
+        None,
+        "Chat template: null = the tokenizer's own; a built-in name (chatml, qwen, llama3, mistral, gemma, phi3); "
+        "or a path to a .jinja file.",
+    )
+    trust_remote_code: bool = option(False, "Run modelling code shipped with the checkpoint (logged loudly).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = option(
+        "sdpa", "Attention kernel passed to transformers."
+    )
+    bf16: bool | None = option(
+        None, "bf16 mixed precision; null = whatever the accelerate config's mixed_precision says."
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how it becomes batches."""
+
+    dataset: list[str] = option(
+        help="Training dataset name(s) from dataset_info.json; a list or comma-separated names are concatenated.",
+        default_factory=list,
+        required=True,
+    )
+    eval_dataset: list[str] = option(help="Evaluation dataset name(s), same format as dataset.", default_factory=list)
+    dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.")
+    max_length: int = option(2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2)
+    packing: bool = option(False, "Pack examples into rows of max_length (padding-free, restarting position_ids).")
+    pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
+    train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.")
+    mask_history: bool = option(False, "Train only on the last assistant turn of each chat.")
+    max_samples: int | None = option(None, "Use at most this many examples of each dataset (first rows).", minimum=1)
+    abstention_answer: str = option(
+        "I don't know.", "Assistant answer for unanswerable questions (squad_v2 converter)."
+    )
+    preprocessing_num_workers: int | None = option(None, "Processes for tokenization (datasets.map).", minimum=1)
+    dataloader_num_workers: int = option(0, "DataLoader worker processes per rank.", minimum=0)
+
+
+@dataclass
+class TrainingConfig:
+    """Batch, steps, optimizer and schedule."""
+
+    per_device_train_batch_size: int = option(1, "Sequences (or packed rows) per micro-batch per process.", minimum=1)
+    per_device_eval_batch_size: int = option(1, "Sequences per evaluation batch per process.", minimum=1)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step per process.", minimum=1)
+    learning_rate: float = option(1e-5, "Peak learning rate.", minimum=0.0, exclusive=True)
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0.0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", minimum=0.0)
+    adam_beta2: float = option(0.999, "AdamW beta2.", minimum=0.0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", minimum=0.0, exclusive=True)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", minimum=0.0)
+    num_train_epochs: float = option(3.0, "Epochs to train when max_steps is not set.", minimum=0.0, exclusive=True)
+    max_steps: int | None = option(None, "Optimizer steps to train; overrides num_train_epochs.", minimum=1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "linear", "Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = option(
+        0.0, "Fraction of total steps spent warming up (ignored if warmup_steps > 0).", minimum=0.0
+    )
+    warmup_steps: int = option(0, "Optimizer steps of linear warmup.", minimum=0)
+    seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0)
+
+
+@dataclass
+class RunConfig:
+    """Where results go, how often, and where they are reported."""
+
+    output_dir: str = option(
+        "", "Folder for config.yaml, metrics.jsonl, checkpoints and the final model.", required=True
+    )
+    logging_steps: int = option(10, "Optimizer steps between metric rows.", minimum=1)
+    eval_steps: int | None = option(None, "Optimizer steps between evaluations (needs eval_dataset).", minimum=1)
+    save_steps: int | None = option(None, "Optimizer steps between checkpoints; null = final model only.", minimum=1)
+    save_total_limit: int | None = option(None, "Keep only this many newest checkpoints.", minimum=1)
+    resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir.")
+    report_to: list[str] = option(help="Trackers: none or wandb.", default_factory=lambda: ["none"])
+    run_name: str | None = option(None, "Run name for wandb; default: the output_dir's name.")
+    wandb_project: str = option("llmhalluc", "wandb project.")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    """The whole experiment: one dataclass per concern, every YAML key owned by exactly one field."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    run: RunConfig
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The flat key -> value mapping a YAML config file holds."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that load_config reads back to an equal Config."""
+        return yaml.safe_dump(self.to_flat_dict(), sort_keys=False, allow_unicode=True)
+
+
+@functools.cache
+def all_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Every config key -> (section name, dataclass field, resolved type annotation)."""
+    owners: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"config key {f.name} is owned twice"
+            owners[f.name] = (section, f, hints[f.name])
+    return owners
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment config (following `base:`), apply key=value overrides, validate."""
+    values, sources = _read_yaml_with_bases(Path(path), seen=())
+    for override in overrides:
+        key, value = parse_override(override)
+        values[key] = value
+        sources[key] = "command line"
+    return build_config(values, sources)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(f"command line: override {text!r} must look like key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: value of {key} is not valid YAML: {raw!r} ({_first_line(err)})") from None
+    return key, value
+
+
+def build_config(values: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
+    """Validate a flat key -> value mapping into a Config; every problem is collected, then raised once."""
+    sources = sources or {}
+    owners = all_fields()
+    problems: list[str] = []
+    sectioned: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+
+    def where(key: str) -> str:
+        return f"{sources[key]}: " if key in sources else ""
+
+    for key, value in values.items():
+        if key not in owners:
+            problems.append(f"{where(key)}{_unknown_key_message(key, owners)}")
+            continue
+        section, f, annotation = owners[key]
+        try:
+            sectioned[section][key] = _coerce(key, value, f, annotation)
+        except ValueError as err:
+            problems.append(f"{where(key)}{err}")
+    for key, (section, f, _) in owners.items():
+        if f.metadata["required"] and not sectioned[section].get(key, _default(f)):
+            problems.append(f"missing required key {key}: {f.metadata['help']}")
+    if problems:
+        raise ConfigError(problems)
+    config = Config(**{name: cls(**sectioned[name]) for name, cls in SECTIONS.items()})
+    problems = _cross_checks(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config) -> list[str]:
+    problems = []
+    data, training, run = config.data, config.training, config.run
+    if run.eval_steps is not None and not data.eval_dataset:
+        problems.append("eval_steps is set but eval_dataset is empty: name an eval dataset or drop eval_steps")
+    if training.warmup_ratio >= 1.0:
+        problems.append(f"warmup_ratio must be below 1, got {training.warmup_ratio}")
+    if data.train_on_prompt and data.mask_history:
+        problems.append("train_on_prompt and mask_history contradict each other: set at most one")
+    for beta in ("adam_beta1", "adam_beta2"):
+        if getattr(training, beta) >= 1.0:
+            problems.append(f"{beta} must be below 1, got {getattr(training, beta)}")
+    for reporter in run.report_to:
+        if reporter not in REPORTERS:
+            problems.append(f"report_to: unknown tracker {reporter!r}; choose from {', '.join(REPORTERS)}")
+    return problems
+
+
+def _unknown_key_message(key: str, owners: dict) -> str:
+    if key in FOREIGN_KEYS:
+        return f"unknown key {key!r}: {FOREIGN_KEYS[key]}"
+    closest = difflib.get_close_matches(key, owners, n=1, cutoff=0.0)
+    return f"unknown key {key!r} (closest valid key: {closest[0]!r})"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, annotation: Any) -> Any:
+    """Check `value` against the field's annotation and range; return it in canonical form."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(args)}")
+        return value
+    if origin is list:
+        return _coerce_name_list(key, value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+    elif annotation is float:
+        value = _as_float(key, value)
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
+        return value
+    _check_minimum(key, value, f)
+    return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    # PyYAML reads `1e-5` (no dot) as a string, so numeric strings are accepted for float keys.
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def _check_minimum(key: str, value: float, f: dataclasses.Field) -> None:
+    minimum = f.metadata["minimum"]
+    if minimum is None:
+        return
+    if f.metadata["exclusive"] and value <= minimum:
+        raise ValueError(f"{key}: must be greater than {minimum}, got {value}")
+    if value < minimum:
+        raise ValueError(f"{key}: must be at least {minimum}, got {value}")
+
+
+def _coerce_name_list(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key}: expected a name or a list of names, got {value!r}")
+    names = [v.strip() for v in value]
+    if any(not name for name in names):
+        raise ValueError(f"{key}: empty name in {value!r}")
+    return names
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values of `path` over those of its `base:` file(s), with the file each key came from."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"{path}: base: cycle ({chain})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: YAML syntax error: {_first_line(err)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(data).__name__}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    bases = data.pop("base", None)
+    for base in [bases] if isinstance(bases, str) else bases or []:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a file name or a list of them, got {base!r}")
+        base_values, base_sources = _read_yaml_with_bases(path.parent / base, (*seen, resolved))
+        values.update(base_values)
+        sources.update(base_sources)
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} must be a string")
+    values.update(data)
+    sources.update(dict.fromkeys(data, str(path)))
+    return values, sources
+
+
+def _first_line(err: Exception) -> str:
+    problem = getattr(err, "problem", None)
+    return problem if problem else str(err).splitlines()[0]
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the dataclasses."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"**{section}** — {cls.__doc__}\n")
+        lines.append("| key | default | meaning |")
+        lines.append("| --- | --- | --- |")
+        for f in dataclasses.fields(cls):
+            default = "required" if f.metadata["required"] else yaml.safe_dump(_default(f), default_flow_style=True)
+            default = default.strip().removesuffix("...").strip()
+            lines.append(f"| `{f.name}` | `{default}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,1 @@
+"""From dataset_info.json names to model-ready batches."""

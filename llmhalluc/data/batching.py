@@ -1,0 +1,156 @@
+"""Batches: padded, or packed padding-free (best-fit-decreasing rows, restarting position_ids, no attention_mask).
+
+Labels follow the Hugging Face convention: `labels[t]` is the token at position t and the loss compares position
+t-1's prediction with it. In a packed row the first token of every example is unlabeled, so no example is trained
+to predict the start of the next one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmhalluc.data.chat import IGNORE_INDEX
+
+Example = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class PaddedCollator:
+    """Right-pads a list of examples to the longest (optionally to a multiple); labels are -100 on padding."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Batch tensors input_ids, attention_mask and labels of shape [len(examples), longest]."""
+        longest = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class PackedCollator:
+    """Concatenates the examples of one or more packed rows into a single padding-free row [1, total tokens]."""
+
+    def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
+        """Batch tensors input_ids, position_ids (restarting at 0 per example) and labels, each [1, total]."""
+        input_ids, position_ids, labels = [], [], []
+        for row in rows:
+            for example in row:
+                n = len(example["input_ids"])
+                input_ids += example["input_ids"]
+                position_ids += range(n)
+                labels += [IGNORE_INDEX, *example["labels"][1:]]
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+        }
+
+
+def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Groups of example indices, each group's lengths summing to at most `capacity` (best-fit-decreasing)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    # (space left, bin number), kept sorted so the tightest bin that fits is found by bisection.
+    free: list[tuple[int, int]] = []
+    for index in order:
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"example {index} has {length} tokens, more than the row capacity {capacity}")
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot == len(free):
+            bins.append([index])
+            bisect.insort(free, (capacity - length, len(bins) - 1))
+            continue
+        space, number = free.pop(slot)
+        bins[number].append(index)
+        bisect.insort(free, (space - length, number))
+    return bins
+
+
+def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity: int) -> float:
+    """Real tokens over row slots (rows x capacity)."""
+    return sum(lengths) / (len(bins) * capacity) if bins else 0.0
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """A dataset whose item i is the list of examples packed into row i."""
+
+    def __init__(self, examples: Any, bins: list[list[int]]):
+        self.examples = examples
+        self.bins = bins
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> list[Example]:
+        return [self.examples[i] for i in self.bins[index]]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches: per epoch a seeded permutation cut into global batches, then into micro-batches.
+
+    A global batch is `per_device * accumulation * num_processes` items; which items form it depends only on the
+    seed and epoch, never on how it is split, so any split of the same global batch trains on the same data. The
+    items of the last incomplete global batch of an epoch are not used in that epoch.
+    """
+
+    def __init__(self, num_items: int, per_device: int, accumulation: int, num_processes: int, rank: int,
+                 seed: int, shuffle: bool = True):  # fmt: skip
+        self.num_items = num_items
+        self.per_device = per_device
+        self.accumulation = accumulation
+        self.num_processes = num_processes
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.global_batch = per_device * accumulation * num_processes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch."""
+        return self.num_items // self.global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation of `epoch`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        else:
+            order = list(range(self.num_items))
+        for step in range(self.steps_per_epoch):
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
+            for micro in range(self.accumulation):
+                start = (micro * self.num_processes + self.rank) * self.per_device
+                yield batch[start : start + self.per_device]
+
+
+def eval_batches(num_items: int, batch_size: int, num_processes: int, rank: int) -> list[list[int]]:
+    """This rank's evaluation batches; every rank gets the same number (empty lists pad the short ranks)."""
+    mine = list(range(rank, num_items, num_processes))
+    per_rank = math.ceil(math.ceil(num_items / num_processes) / batch_size)
+    batches = [mine[i * batch_size : (i + 1) * batch_size] for i in range(per_rank)]
+    return batches

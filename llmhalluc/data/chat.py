@@ -1,0 +1,206 @@
+"""tokenize_chat: the inference tokenization of a chat, and labels that train exactly what the assistant generates.
+
+A token is trained when the assistant produces it at inference: the text after the generation prompt of its turn,
+through the end-of-turn token(s) that close the turn. Templates with `{% generation %}` markers say where that is.
+For templates without them (most vendor templates), each assistant turn is located by rendering:
+
+- the chat before the turn with `add_generation_prompt=True` must be a prefix of the whole chat: the turn starts
+  where it ends;
+- the chat with the turn's content replaced by a sentinel must equal the whole chat outside the content: that gives
+  where the content ends;
+- the end-of-turn tokens are what the template writes after the content both when the chat ends there and when a
+  user turn follows (so Phi-3's end-of-chat eos is not mistaken for end-of-turn), less trailing whitespace.
+
+Anything that breaks these assumptions is a TemplateError naming the turn, never a silently wrong mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from llmhalluc.errors import TemplateError
+
+IGNORE_INDEX = -100
+SENTINEL = "LlmhallucSentinelXq7"
+SENTINEL_USER = "LlmhallucNextTurnXq8"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+Messages = list[dict[str, Any]]
+Span = tuple[int, int]
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    max_length: int | None = None,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> dict[str, list[int]]:
+    """Token ids of the rendered chat and labels: the ids on assistant-generated tokens, -100 elsewhere."""
+    text, spans = render_with_assistant_spans(tokenizer, messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return label_tokens(
+        text, encoding["input_ids"], encoding["offset_mapping"], spans, messages, max_length, train_on_prompt,
+        mask_history,
+    )  # fmt: skip
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template text, or a TemplateError when it has none."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise TemplateError(
+            f"the tokenizer of {tokenizer.name_or_path or 'this model'} has no chat template: set `template` to a "
+            "built-in name (chatml, qwen, llama3, mistral, gemma, phi3) or a .jinja file"
+        )
+    return template
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool = False) -> str:
+    """The chat as text, exactly as `tokenizer.apply_chat_template(messages, tokenize=False)` renders it."""
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        chat_template=chat_template_of(tokenizer),
+        add_generation_prompt=add_generation_prompt,
+        **tokenizer.special_tokens_map,
+    )
+    return rendered[0]
+
+
+@functools.lru_cache(maxsize=64)
+def has_generation_markers(template: str) -> bool:
+    """Whether the template marks assistant output with {% generation %}."""
+    return bool(_GENERATION_TAG.search(template))
+
+
+def render_with_assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[Span]]:
+    """The rendered chat and, per assistant turn, the character span the assistant generates."""
+    template = chat_template_of(tokenizer)
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if has_generation_markers(template):
+        rendered, indices = render_jinja_template(
+            conversations=[messages],
+            chat_template=template,
+            return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+        spans = [tuple(span) for span in indices[0] if span[1] > span[0]]
+        if len(spans) != len(assistant_turns):
+            raise TemplateError(
+                f"the chat template marks {len(spans)} {{% generation %}} blocks for {len(assistant_turns)} "
+                "assistant turns; it must wrap each assistant turn's output once"
+            )
+        return rendered[0], spans
+    text = render(tokenizer, messages)
+    return text, [_locate_turn(tokenizer, messages, text, i) for i in assistant_turns]
+
+
+def _locate_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn: int) -> Span:
+    """The character span of assistant turn `turn` in `text`: after its generation prompt, through end-of-turn."""
+    if turn == 0:
+        raise TemplateError("the chat starts with an assistant turn, so there is no prompt to generate it from")
+    if SENTINEL in text or SENTINEL_USER in text:
+        raise TemplateError(f"the chat contains the reserved string {SENTINEL!r}")
+    prompt = render(tokenizer, messages[:turn], add_generation_prompt=True)
+    if not text.startswith(prompt):
+        raise TemplateError(
+            f"the chat template is not prefix-stable at turn {turn}: the chat before it rendered with "
+            "add_generation_prompt=True is not a prefix of the whole chat; add {% generation %} markers to the "
+            "template or choose a built-in template"
+        )
+    with_sentinel = [*messages[:turn], {**messages[turn], "content": SENTINEL}, *messages[turn + 1 :]]
+    before, after = _split_at_sentinel(render(tokenizer, with_sentinel), turn)
+    if not (text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)):
+        raise TemplateError(
+            f"the chat template renders turn {turn} differently when only its content changes, so its content "
+            "cannot be located; add {% generation %} markers to the template"
+        )
+    if len(before) < len(prompt):
+        raise TemplateError(f"the content of turn {turn} starts inside its own generation prompt")
+    content_end = len(text) - len(after)
+    closing = _end_of_turn(tokenizer, messages, turn)
+    if not text.startswith(closing, content_end):
+        raise TemplateError(f"the end-of-turn text {closing!r} of turn {turn} does not follow its content")
+    return len(prompt), content_end + len(closing)
+
+
+def _split_at_sentinel(rendered: str, turn: int) -> tuple[str, str]:
+    if rendered.count(SENTINEL) != 1:
+        raise TemplateError(
+            f"the chat template renders the content of turn {turn} {rendered.count(SENTINEL)} times; expected once"
+        )
+    before, _, after = rendered.partition(SENTINEL)
+    return before, after
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, turn: int) -> str:
+    """What the template writes after assistant content in every context: its end-of-turn tokens."""
+    head = [*messages[:turn], {**messages[turn], "content": SENTINEL}]
+    _, after_last = _split_at_sentinel(render(tokenizer, head), turn)
+    _, after_more = _split_at_sentinel(render(tokenizer, [*head, {"role": "user", "content": SENTINEL_USER}]), turn)
+    last = tokenizer(after_last, add_special_tokens=False, return_offsets_mapping=True)
+    more = tokenizer(after_more, add_special_tokens=False, return_offsets_mapping=True)
+    common = 0
+    for id_last, id_more, span_last, span_more in zip(
+        last["input_ids"], more["input_ids"], last["offset_mapping"], more["offset_mapping"]
+    ):
+        if id_last != id_more or span_last != span_more:
+            break
+        common += 1
+    # Whitespace after the end-of-turn token separates turns; the model never generates it.
+    while common and after_last[slice(*last["offset_mapping"][common - 1])].isspace():
+        common -= 1
+    return after_last[: last["offset_mapping"][common - 1][1]] if common else ""
+
+
+def label_tokens(
+    text: str,
+    input_ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: list[Span],
+    messages: Messages,
+    max_length: int | None = None,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> dict[str, list[int]]:
+    """Labels for `input_ids`: trained where a token overlaps an assistant span; then truncation to max_length."""
+    assistant_contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for number, (span, content) in enumerate(zip(spans, assistant_contents)):
+        trained = [t for t, (start, end) in enumerate(offsets) if start < span[1] and end > span[0]]
+        _verify_span(text, offsets, span, trained, content, number)
+        if mask_history and number != len(spans) - 1:
+            continue
+        for t in trained:
+            labels[t] = input_ids[t]
+    if train_on_prompt:
+        labels = list(input_ids)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": list(input_ids), "labels": labels}
+
+
+def _verify_span(text: str, offsets: list, span: Span, trained: list[int], content: str, number: int) -> None:
+    """The trained tokens end exactly at the span's end and their text holds the turn's content."""
+    if not trained:
+        raise TemplateError(f"assistant turn {number} has no tokens in its span {span}")
+    last_end = offsets[trained[-1]][1]
+    if last_end != span[1]:
+        raise TemplateError(f"assistant turn {number}: a token crosses the end of the turn at character {span[1]}")
+    trained_text = text[offsets[trained[0]][0] : last_end]
+    if _visible_answer(content) not in trained_text:
+        raise TemplateError(
+            f"assistant turn {number}: the trained text {trained_text[:80]!r} does not contain the turn's content"
+        )
+
+
+def _visible_answer(content: str) -> str:
+    # Reasoning templates (Qwen3) may drop `<think>...</think>` from earlier turns; the answer after it stays.
+    return content.rsplit("</think>", 1)[-1].strip() if "</think>" in content else content.strip()

@@ -1,0 +1,171 @@
+"""Converters: one raw example -> a chat (`[{"role", "content"}, ...]`), or a DropRow naming why it cannot be one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmhalluc.data.registry import DatasetSpec
+
+Messages = list[dict[str, str]]
+
+
+class DropRow(Exception):
+    """This row cannot become a chat; `reason` is a short snake_case name counted in the dataset stats."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Settings converters take from the experiment config."""
+
+    abstention_answer: str = "I don't know."
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A registered converter: the function and the column names it reads (keys of an entry's `columns`)."""
+
+    convert: Callable[[dict[str, Any], DatasetSpec, ConvertOptions], Messages]
+    columns: tuple[str, ...]
+
+
+def to_chat(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """Convert one row with the spec's converter and check the chat is well formed."""
+    messages = CONVERTERS[spec.converter].convert(row, spec, options)
+    check_chat(messages)
+    return messages
+
+
+def check_chat(messages: Messages) -> None:
+    """Raise DropRow unless the chat is system? (user+ (assistant (tool+ assistant)*))+ with text in every turn."""
+    allowed_after = {
+        None: {"system", "user"},
+        "system": {"user"},
+        "user": {"user", "assistant"},
+        "assistant": {"user", "tool"},
+        "tool": {"tool", "assistant"},
+    }
+    previous = None
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role not in allowed_after[previous]:
+            raise DropRow("roles_out_of_order")
+        if not isinstance(content, str):
+            raise DropRow("non_text_content")
+        if not content.strip():
+            raise DropRow("empty_assistant_turn" if role == "assistant" else f"empty_{role}_turn")
+        previous = role
+    if "assistant" not in {m["role"] for m in messages}:
+        raise DropRow("no_assistant_turn")
+    if previous != "assistant":
+        raise DropRow("roles_out_of_order")
+
+
+def _text(row: dict[str, Any], column: str | None) -> str:
+    """The string in `column`, '' when the column is unset or the value is null."""
+    if column is None:
+        return ""
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DropRow("non_text_content")
+    return value
+
+
+def convert_alpaca(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """LLaMA-Factory alpaca: system?, history [[user, assistant], ...], prompt + "\\n" + query, response."""
+    columns = spec.columns
+    messages: Messages = []
+    if system := _text(row, columns.get("system")):
+        messages.append({"role": "system", "content": system})
+    history = row.get(columns["history"]) if columns.get("history") else None
+    for pair in history or []:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise DropRow("malformed_history")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = "\n".join(part for part in (_text(row, columns.get("prompt")), _text(row, columns.get("query"))) if part)
+    messages += [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(row, columns.get("response"))},
+    ]
+    return messages
+
+
+def convert_sharegpt(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """LLaMA-Factory sharegpt (and openai): a message list with role/content keys named by the entry's tags."""
+    tags = spec.tags
+    roles = {
+        tags["user_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags["observation_tag"]: "tool",
+        tags["function_tag"]: "assistant",
+        tags["system_tag"]: "system",
+    }
+    roles.pop(None, None)
+    turns = row.get(spec.columns["messages"])
+    if not isinstance(turns, list):
+        raise DropRow("messages_not_a_list")
+    messages: Messages = []
+    if system := _text(row, spec.columns.get("system")):
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get(tags["role_tag"]) not in roles:
+            raise DropRow("unknown_role")
+        content = turn.get(tags["content_tag"])
+        messages.append({"role": roles[turn[tags["role_tag"]]], "content": _content_text(content)})
+    return messages
+
+
+def _content_text(content: Any) -> Any:
+    # OpenAI-style content may be a list of parts; text parts are joined, anything else is not text.
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise DropRow("non_text_content")
+        return "".join(p.get("text") or "" for p in content)
+    return "" if content is None else content
+
+
+def convert_prompt_query_response(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """llmhalluc's own format: user turn = prompt + "\\n" + query, assistant turn = response."""
+    columns = spec.columns
+    user = "\n".join(part for part in (_text(row, columns["prompt"]), _text(row, columns["query"])) if part)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, columns["response"])}]
+
+
+def convert_gsm8k(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """GSM8K: the question as the user turn, the worked answer (with its final `#### N` line) as the reply."""
+    answer = _text(row, spec.columns["answer"])
+    if answer.strip() and "####" not in answer:
+        raise DropRow("answer_without_final_line")
+    return [
+        {"role": "user", "content": _text(row, spec.columns["question"])},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def convert_squad_v2(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
+    """SQuAD v2: context + question -> the first answer text, or the abstention answer when there is none."""
+    answers = row.get(spec.columns["answers"])
+    if not isinstance(answers, dict) or not isinstance(answers.get("text"), list):
+        raise DropRow("malformed_answers")
+    texts = [t for t in answers["text"] if isinstance(t, str) and t.strip()]
+    reply = texts[0] if texts else options.abstention_answer
+    user = f"Context: {_text(row, spec.columns['context'])}\n\nQuestion: {_text(row, spec.columns['question'])}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+CONVERTERS: dict[str, Converter] = {
+    "alpaca": Converter(convert_alpaca, ("prompt", "query", "response", "system", "history")),
+    "sharegpt": Converter(convert_sharegpt, ("messages", "system")),
+    "openai": Converter(convert_sharegpt, ("messages", "system")),
+    "prompt_query_response": Converter(convert_prompt_query_response, ("prompt", "query", "response")),
+    "gsm8k": Converter(convert_gsm8k, ("question", "answer")),
+    "squad_v2": Converter(convert_squad_v2, ("context", "question", "answers")),
+}

@@ -1,0 +1,209 @@
+"""Dataset preparation: load, convert, tokenize, filter; cached under a fingerprint of every setting; with stats."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from llmhalluc.config import DataConfig
+from llmhalluc.data import chat, converters
+from llmhalluc.data.chat import IGNORE_INDEX, chat_template_of, label_tokens, render_with_assistant_spans
+from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
+from llmhalluc.data.registry import DatasetSpec, check_columns, load_raw_dataset, resolve_dataset
+from llmhalluc.errors import DataError, TemplateError
+
+DROP_HINTS = {
+    "no_trained_tokens_after_truncation": "max_length is shorter than the prompts; raise max_length",
+}
+
+
+@dataclass
+class DatasetStats:
+    """What preparation kept, dropped and produced for one split."""
+
+    rows: int = 0
+    examples: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "rows": self.rows,
+            "examples": self.examples,
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "length_percentiles": self.length_percentiles,
+        }
+
+    def summary(self, split: str) -> str:
+        """Human-readable lines for the startup log."""
+        dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(self.dropped.items())) or "none"
+        lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
+        return (
+            f"{split}: {self.examples} examples from {self.rows} rows; dropped: {dropped}; "
+            f"truncated: {self.truncated}\n"
+            f"{split}: {self.tokens} tokens, {self.trained_tokens} trained "
+            f"({100 * self.trained_tokens / max(self.tokens, 1):.1f}%); lengths {lengths}"
+        )
+
+
+def prepare_dataset(
+    names: list[str],
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[datasets.Dataset, DatasetStats]:
+    """The tokenized examples (`input_ids`, `labels`) of the named datasets, concatenated, and their stats."""
+    parts, stats = [], DatasetStats()
+    with main_process_first():
+        for name in names:
+            part, part_stats = _prepare_one(name, data, tokenizer, seed)
+            parts.append(part)
+            stats.rows += part_stats.rows
+            stats.dropped.update(part_stats.dropped)
+            stats.truncated += part_stats.truncated
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    lengths = np.asarray(dataset["length"], dtype=np.int64)
+    stats.examples = len(dataset)
+    stats.tokens = int(lengths.sum())
+    stats.trained_tokens = int(np.asarray(dataset["trained"], dtype=np.int64).sum())
+    stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q, method="lower")) for q in (50, 90, 99)} | {
+        "max": int(lengths.max())
+    }
+    return dataset, stats
+
+
+def _prepare_one(
+    name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> tuple[datasets.Dataset, DatasetStats]:
+    spec = resolve_dataset(name, data.dataset_dir)
+    raw = load_raw_dataset(spec, seed=seed)
+    if data.max_samples is not None and len(raw) > data.max_samples:
+        raw = raw.select(range(data.max_samples))
+    check_columns(spec, raw)
+    options = ConvertOptions(abstention_answer=data.abstention_answer)
+    settings = TokenizeSettings(data.max_length, data.train_on_prompt, data.mask_history)
+    try:
+        processed = raw.map(
+            _process_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            fn_kwargs={"spec": spec, "options": options, "tokenizer": tokenizer, "settings": settings},
+            num_proc=data.preprocessing_num_workers if len(raw) > 1000 else None,
+            new_fingerprint=fingerprint(raw, spec, options, tokenizer, settings),
+            desc=f"Tokenizing {name}",
+        )
+    except (TemplateError, DataError) as err:
+        raise DataError(f"dataset {name!r}: {err}") from None
+    reasons = Counter(r for r in processed["drop_reason"] if r)
+    stats = DatasetStats(rows=len(raw), dropped=reasons, truncated=int(sum(processed["truncated"])))
+    if reasons.total() == len(raw):
+        first = next(r for r in processed["drop_reason"] if r)
+        hint = f" ({DROP_HINTS[first]})" if first in DROP_HINTS else ""
+        raise DataError(f"dataset {name!r}: every row was dropped; first reason: {first}{hint}")
+    kept = processed.filter(lambda reasons: [r is None for r in reasons], input_columns=["drop_reason"], batched=True)
+    return kept.remove_columns(["drop_reason", "truncated"]), stats
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """The tokenize_chat options the experiment config sets."""
+
+    max_length: int | None
+    train_on_prompt: bool
+    mask_history: bool
+
+
+def _process_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    spec: DatasetSpec,
+    options: ConvertOptions,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+) -> dict[str, list]:
+    """Convert and tokenize a batch of raw rows; rows that cannot be used get a drop_reason instead."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": [], "drop_reason": [],
+                            "truncated": []}  # fmt: skip
+    chats, texts, spans = [], [], []
+    for row, index in zip(rows, indices):
+        try:
+            messages = to_chat(row, spec, options)
+            text, row_spans = render_with_assistant_spans(tokenizer, messages)
+        except DropRow as drop:
+            messages, text, row_spans = None, "", []
+            out["drop_reason"].append(drop.reason)
+        except TemplateError as err:
+            raise TemplateError(f"row {index}: {err}") from None
+        except Exception as err:  # the template's own raise_exception, e.g. roles that must alternate
+            raise TemplateError(f"row {index}: the chat template failed: {err}") from None
+        else:
+            out["drop_reason"].append(None)
+        chats.append(messages)
+        texts.append(text)
+        spans.append(row_spans)
+    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for i, messages in enumerate(chats):
+        ids, labels, truncated = [], [], False
+        if messages is not None:
+            try:
+                full = label_tokens(texts[i], encodings["input_ids"][i], encodings["offset_mapping"][i], spans[i],
+                                    messages, None, settings.train_on_prompt, settings.mask_history)  # fmt: skip
+            except TemplateError as err:
+                raise TemplateError(f"row {indices[i]}: {err}") from None
+            ids, labels = full["input_ids"], full["labels"]
+            if settings.max_length is not None and len(ids) > settings.max_length:
+                ids, labels, truncated = ids[: settings.max_length], labels[: settings.max_length], True
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                out["drop_reason"][i] = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        # The first token is never predicted (nothing precedes it), so it never counts as trained.
+        out["trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        out["truncated"].append(truncated)
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything about the tokenizer that changes token ids: vocabulary, specials, chat template."""
+    digest = hashlib.sha256()
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    digest.update(chat_template_of(tokenizer).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(
+    raw: datasets.Dataset,
+    spec: DatasetSpec,
+    options: ConvertOptions,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+) -> str:
+    """Cache key of a prepared dataset: the raw data, the code and every setting that changes the output."""
+    digest = hashlib.sha256()
+    for part in (raw._fingerprint, repr(spec), repr(options), repr(settings), tokenizer_fingerprint(tokenizer)):
+        digest.update(part.encode())
+    for module in (chat, converters):
+        digest.update(inspect.getsource(module).encode())
+    digest.update(inspect.getsource(_process_batch).encode())
+    return digest.hexdigest()[:32]

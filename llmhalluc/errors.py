@@ -1,0 +1,23 @@
+"""Errors that mean "the user's input is wrong": reported as one line each, exit code 2, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, template, launch); `str()` is the message shown to the user."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The experiment config is invalid; holds every problem found, one per line."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DataError(UserError):
+    """A dataset, its registry entry or one of its rows cannot be used."""
+
+
+class TemplateError(UserError):
+    """A chat template cannot produce an exact assistant mask for a conversation."""

@@ -1,0 +1,66 @@
+"""Load the model and tokenizer named by the config: chat template, pad token, attention kernel, checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmhalluc.config import ModelConfig
+from llmhalluc.data.chat import chat_template_of
+from llmhalluc.data.templates import BUILTIN_TEMPLATES, read_builtin_template
+from llmhalluc.errors import UserError
+
+
+def resolve_template(template: str) -> str:
+    """The text of `template`: a built-in name or a path to a .jinja file."""
+    if template in BUILTIN_TEMPLATES:
+        return read_builtin_template(template)
+    path = Path(template)
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise UserError(f"template: file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    raise UserError(f"template: unknown template {template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, "
+                    "or a path to a .jinja file")  # fmt: skip
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer with the chat template to train with and a pad token."""
+    if model.template is not None:
+        template = resolve_template(model.template)  # checked before the (possibly slow) tokenizer download
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
+    except OSError as err:
+        raise UserError(f"model_name_or_path: cannot load a tokenizer from {model.model_name_or_path!r}: "
+                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+    if model.template is not None:
+        tokenizer.chat_template = template
+    chat_template_of(tokenizer)  # a tokenizer with no template at all is an error now, not at the first row
+    if tokenizer.pad_token is None:
+        # Labels come from the mask, never from pad ids, so eos doubles safely as padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(model: ModelConfig) -> PreTrainedModel:
+    """The causal LM in fp32 (mixed precision comes from accelerate/DeepSpeed), cache off, checkpointing if asked."""
+    if model.trust_remote_code:
+        print(f"WARNING: trust_remote_code is on: running modelling code shipped with {model.model_name_or_path}",
+              flush=True)  # fmt: skip
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            model.model_name_or_path,
+            dtype=torch.float32,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except (OSError, ImportError, ValueError) as err:
+        raise UserError(f"model_name_or_path: cannot load {model.model_name_or_path!r}: "
+                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+    loaded.config.use_cache = False
+    if model.gradient_checkpointing:
+        loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return loaded

@@ -1,0 +1,103 @@
+"""Checkpoints: written to a temporary folder, moved into place only when every rank has finished, rotated after."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from llmhalluc.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: everything beyond accelerate's state that an exact resume needs."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    data_seed: int = 0
+    global_batch_size: int = 0
+    steps_per_epoch: int = 0
+    nonfinite_steps: int = 0
+
+    def write(self, folder: Path) -> None:
+        """Save as folder/trainer_state.json."""
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> TrainerState:
+        """Load folder/trainer_state.json."""
+        return cls(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in output_dir, oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and (path / COMPLETE_MARKER).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def partial_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders that were never completed (a crash during a save)."""
+    if not output_dir.is_dir():
+        return []
+    partial = [p for p in output_dir.iterdir() if p.name.startswith("tmp-checkpoint-")]
+    partial += [
+        p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and not (p / COMPLETE_MARKER).is_file()
+    ]
+    return sorted(partial)
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint folder to resume from: a path, or 'latest' complete one in output_dir."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = checkpoint_steps(output_dir)
+        if not found:
+            raise UserError(f"resume_from_checkpoint: latest, but {output_dir} holds no complete checkpoint")
+        return found[-1][1]
+    path = Path(resume_from_checkpoint)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: TrainerState, save_total_limit: int | None
+) -> Path:
+    """Save model, optimizer, scheduler, RNG and trainer state as output_dir/checkpoint-<step>; all ranks call it."""
+    final = output_dir / f"checkpoint-{state.step}"
+    staging = output_dir / f"tmp-checkpoint-{state.step}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        state.write(staging)
+    accelerator.wait_for_everyone()  # every rank's shards are on disk before the checkpoint is declared complete
+    if accelerator.is_main_process:
+        (staging / COMPLETE_MARKER).write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        if save_total_limit is not None:
+            for _, old in checkpoint_steps(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

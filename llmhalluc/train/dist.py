@@ -1,0 +1,86 @@
+"""The Accelerator for every launch (one process, DDP, DeepSpeed ZeRO; GPU, or gloo on CPU) and its DeepSpeed config."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+from llmhalluc.config import Config
+from llmhalluc.errors import UserError
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    """An Accelerator whose process count matches the launcher's, on NCCL with GPUs and gloo without."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    on_cpu = not torch.cuda.is_available()
+    kwargs_handlers = [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]
+    if on_cpu and world_size > 1:
+        # Without this, accelerate on a CUDA-less host silently runs N independent single-process jobs.
+        kwargs_handlers = [InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)]
+    mixed_precision = None
+    if config.model.bf16 is not None:
+        mixed_precision = "bf16" if config.model.bf16 else "no"
+    accelerator = Accelerator(
+        cpu=on_cpu and world_size > 1 and not use_deepspeed,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.training.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=kwargs_handlers,
+    )
+    if accelerator.num_processes != world_size:
+        raise UserError(
+            f"accelerate started {accelerator.num_processes} process(es) but the launcher started {world_size}: "
+            f"check the accelerate config's distributed_type for this host"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        reconcile_deepspeed_config(accelerator, config)
+    return accelerator
+
+
+def deepspeed_config_of(accelerator: Accelerator) -> dict[str, Any] | None:
+    """The DeepSpeed config dict accelerate will hand to deepspeed.initialize, or None without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.state.deepspeed_plugin.deepspeed_config
+
+
+def reconcile_deepspeed_config(accelerator: Accelerator, config: Config) -> None:
+    """Fill the json's "auto" values from the experiment; a hard-coded value that disagrees is an error."""
+    ds_config = deepspeed_config_of(accelerator)
+    training = config.training
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    wanted = {
+        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", training.per_device_train_batch_size),
+        "gradient_accumulation_steps": ("gradient_accumulation_steps", training.gradient_accumulation_steps),
+        "train_batch_size": (
+            "per_device_train_batch_size x gradient_accumulation_steps x processes",
+            training.per_device_train_batch_size * training.gradient_accumulation_steps * accelerator.num_processes,
+        ),
+        # One source of truth for clipping: DeepSpeed clips, with the experiment's max_grad_norm.
+        "gradient_clipping": ("max_grad_norm", training.max_grad_norm),
+    }
+    problems = []
+    for key, (ours, value) in wanted.items():
+        given = ds_config.get(key, "auto")
+        if given == "auto":
+            ds_config[key] = value
+        elif given != value:
+            problems.append(f"{source}: {key} is {given} but the experiment's {ours} is {value}")
+    if problems:
+        raise UserError("\n".join(problems) + '\n(set these to "auto" in the json to follow the experiment)')
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage, or None without DeepSpeed."""
+    ds_config = deepspeed_config_of(accelerator)
+    return None if ds_config is None else int(ds_config.get("zero_optimization", {}).get("stage", 0))

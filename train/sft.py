@@ -1,0 +1,41 @@
+"""Supervised fine-tuning: `[accelerate launch ...] train/sft.py CONFIG.yaml [key=value ...] [--dry-run] [--debug]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llmhalluc.config import load_config
+from llmhalluc.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, load the config, then train (or show the data with --dry-run)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
+    parser.add_argument("--dry-run", action="store_true", help="resolve config and data, show examples, exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from llmhalluc.data.preview import dry_run
+
+            dry_run(config)
+            return 0
+        from llmhalluc.train.loop import train
+
+        train(config)
+    except UserError as err:
+        if args.debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
