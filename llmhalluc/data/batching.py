@@ -111,8 +111,16 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     items of the last incomplete global batch of an epoch are not used in that epoch.
     """
 
-    def __init__(self, num_items: int, per_device: int, accumulation: int, num_processes: int, rank: int,
-                 seed: int, shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        num_items: int,
+        per_device: int,
+        accumulation: int,
+        num_processes: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
         self.num_items = num_items
         self.per_device = per_device
         self.accumulation = accumulation

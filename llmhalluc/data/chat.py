@@ -9,9 +9,11 @@ For templates without them (most vendor templates), each assistant turn is locat
 - the chat with the turn's content replaced by a sentinel must equal the whole chat outside the content: that gives
   where the content ends;
 - the end-of-turn tokens are what the template writes after the content both when the chat ends there and when a
-  user turn follows (so Phi-3's end-of-chat eos is not mistaken for end-of-turn), less trailing whitespace.
+  user turn follows (so Phi-3's end-of-chat eos is not mistaken for end-of-turn), less trailing whitespace; they
+  must end in a special token, the one the model learns to stop on.
 
-Anything that breaks these assumptions is a TemplateError naming the turn, never a silently wrong mask.
+Every trained span is checked to hold its turn's content. Anything that breaks these assumptions is a TemplateError
+naming the turn, never a silently wrong mask.
 """
 
 from __future__ import annotations
@@ -42,12 +44,18 @@ def tokenize_chat(
     mask_history: bool = False,
 ) -> dict[str, list[int]]:
     """Token ids of the rendered chat and labels: the ids on assistant-generated tokens, -100 elsewhere."""
-    text, spans = render_with_assistant_spans(tokenizer, messages)
+    text, spans = render_with_assistant_spans(tokenizer, messages, last_turn_only=mask_history)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return label_tokens(
-        text, encoding["input_ids"], encoding["offset_mapping"], spans, messages, max_length, train_on_prompt,
-        mask_history,
-    )  # fmt: skip
+        text,
+        encoding["input_ids"],
+        encoding["offset_mapping"],
+        spans,
+        messages,
+        max_length,
+        train_on_prompt,
+        last_turn_only=mask_history,
+    )
 
 
 def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -80,34 +88,34 @@ def has_generation_markers(template: str) -> bool:
     return bool(_GENERATION_TAG.search(template))
 
 
-def render_with_assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[Span]]:
-    """The rendered chat and, per assistant turn, the character span the assistant generates."""
+def render_with_assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, last_turn_only: bool = False
+) -> tuple[str, list[Span]]:
+    """The rendered chat and the character spans the assistant generates (only its last turn's if asked)."""
     template = chat_template_of(tokenizer)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if has_generation_markers(template):
-        rendered, indices = render_jinja_template(
-            conversations=[messages],
-            chat_template=template,
-            return_assistant_tokens_mask=True,
-            **tokenizer.special_tokens_map,
-        )
-        spans = [tuple(span) for span in indices[0] if span[1] > span[0]]
-        if len(spans) != len(assistant_turns):
-            raise TemplateError(
-                f"the chat template marks {len(spans)} {{% generation %}} blocks for {len(assistant_turns)} "
-                "assistant turns; it must wrap each assistant turn's output once"
-            )
-        return rendered[0], spans
-    text = render(tokenizer, messages)
-    return text, [_locate_turn(tokenizer, messages, text, i) for i in assistant_turns]
+    if not has_generation_markers(template):
+        text = render(tokenizer, messages)
+        turns = assistant_turns[-1:] if last_turn_only else assistant_turns
+        return text, [_locate_turn(tokenizer, messages, text, i) for i in turns]
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    text, spans = rendered[0], [tuple(span) for span in indices[0] if span[1] > span[0]]
+    if last_turn_only:
+        # A template may mark several blocks per turn; the last turn's are those after its generation prompt.
+        last_prompt = _prompt_before(tokenizer, messages, text, assistant_turns[-1])
+        spans = [span for span in spans if span[1] > len(last_prompt)]
+    return text, spans
 
 
-def _locate_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn: int) -> Span:
-    """The character span of assistant turn `turn` in `text`: after its generation prompt, through end-of-turn."""
+def _prompt_before(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn: int) -> str:
+    """The chat before assistant turn `turn` with its generation prompt; must be a prefix of the whole chat."""
     if turn == 0:
         raise TemplateError("the chat starts with an assistant turn, so there is no prompt to generate it from")
-    if SENTINEL in text or SENTINEL_USER in text:
-        raise TemplateError(f"the chat contains the reserved string {SENTINEL!r}")
     prompt = render(tokenizer, messages[:turn], add_generation_prompt=True)
     if not text.startswith(prompt):
         raise TemplateError(
@@ -115,6 +123,14 @@ def _locate_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: s
             "add_generation_prompt=True is not a prefix of the whole chat; add {% generation %} markers to the "
             "template or choose a built-in template"
         )
+    return prompt
+
+
+def _locate_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn: int) -> Span:
+    """The character span of assistant turn `turn` in `text`: after its generation prompt, through end-of-turn."""
+    if SENTINEL in text or SENTINEL_USER in text:
+        raise TemplateError(f"the chat contains the reserved string {SENTINEL!r}")
+    prompt = _prompt_before(tokenizer, messages, text, turn)
     with_sentinel = [*messages[:turn], {**messages[turn], "content": SENTINEL}, *messages[turn + 1 :]]
     before, after = _split_at_sentinel(render(tokenizer, with_sentinel), turn)
     if not (text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)):
@@ -157,7 +173,19 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, turn: i
     # Whitespace after the end-of-turn token separates turns; the model never generates it.
     while common and after_last[slice(*last["offset_mapping"][common - 1])].isspace():
         common -= 1
-    return after_last[: last["offset_mapping"][common - 1][1]] if common else ""
+    if not common or last["input_ids"][common - 1] not in _stop_candidates(tokenizer):
+        found = after_last[: last["offset_mapping"][common - 1][1]] if common else ""
+        raise TemplateError(
+            f"the chat template does not close assistant turn {turn} with the same special token whether or not the "
+            f"chat goes on (common closing text: {found!r}), so there is no end-of-turn token to train; add "
+            "{% generation %} markers around what the assistant generates, including its stop token"
+        )
+    return after_last[: last["offset_mapping"][common - 1][1]]
+
+
+def _stop_candidates(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the tokens a model can stop on: special and added tokens."""
+    return set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
 
 
 def label_tokens(
@@ -168,18 +196,22 @@ def label_tokens(
     messages: Messages,
     max_length: int | None = None,
     train_on_prompt: bool = False,
-    mask_history: bool = False,
+    last_turn_only: bool = False,
 ) -> dict[str, list[int]]:
     """Labels for `input_ids`: trained where a token overlaps an assistant span; then truncation to max_length."""
-    assistant_contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
     labels = [IGNORE_INDEX] * len(input_ids)
-    for number, (span, content) in enumerate(zip(spans, assistant_contents)):
+    trained_texts = []
+    for span in spans:
         trained = [t for t, (start, end) in enumerate(offsets) if start < span[1] and end > span[0]]
-        _verify_span(text, offsets, span, trained, content, number)
-        if mask_history and number != len(spans) - 1:
-            continue
+        if not trained:
+            raise TemplateError(f"no token lies in the assistant span {span}")
+        if offsets[trained[-1]][1] != span[1]:
+            raise TemplateError(f"a token crosses the end of the assistant span at character {span[1]}")
+        trained_texts.append(text[offsets[trained[0]][0] : span[1]])
         for t in trained:
             labels[t] = input_ids[t]
+    _verify_contents(trained_texts, contents[-1:] if last_turn_only else contents)
     if train_on_prompt:
         labels = list(input_ids)
     if max_length is not None:
@@ -187,18 +219,16 @@ def label_tokens(
     return {"input_ids": list(input_ids), "labels": labels}
 
 
-def _verify_span(text: str, offsets: list, span: Span, trained: list[int], content: str, number: int) -> None:
-    """The trained tokens end exactly at the span's end and their text holds the turn's content."""
-    if not trained:
-        raise TemplateError(f"assistant turn {number} has no tokens in its span {span}")
-    last_end = offsets[trained[-1]][1]
-    if last_end != span[1]:
-        raise TemplateError(f"assistant turn {number}: a token crosses the end of the turn at character {span[1]}")
-    trained_text = text[offsets[trained[0]][0] : last_end]
-    if _visible_answer(content) not in trained_text:
-        raise TemplateError(
-            f"assistant turn {number}: the trained text {trained_text[:80]!r} does not contain the turn's content"
-        )
+def _verify_contents(trained_texts: list[str], contents: list[str]) -> None:
+    """Each assistant turn's content lies in a trained span, in order."""
+    position = 0
+    for number, content in enumerate(contents):
+        visible = _visible_answer(content)
+        while position < len(trained_texts) and visible not in trained_texts[position]:
+            position += 1
+        if position == len(trained_texts):
+            raise TemplateError(f"assistant turn {number}: its content is not inside the text marked for training")
+        position += 1
 
 
 def _visible_answer(content: str) -> str:

@@ -141,13 +141,19 @@ def _process_batch(
 ) -> dict[str, list]:
     """Convert and tokenize a batch of raw rows; rows that cannot be used get a drop_reason instead."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": [], "drop_reason": [],
-                            "truncated": []}  # fmt: skip
+    out: dict[str, list] = {
+        "input_ids": [],
+        "labels": [],
+        "length": [],
+        "trained": [],
+        "drop_reason": [],
+        "truncated": [],
+    }
     chats, texts, spans = [], [], []
     for row, index in zip(rows, indices):
         try:
             messages = to_chat(row, spec, options)
-            text, row_spans = render_with_assistant_spans(tokenizer, messages)
+            text, row_spans = render_with_assistant_spans(tokenizer, messages, settings.mask_history)
         except DropRow as drop:
             messages, text, row_spans = None, "", []
             out["drop_reason"].append(drop.reason)
@@ -165,8 +171,16 @@ def _process_batch(
         ids, labels, truncated = [], [], False
         if messages is not None:
             try:
-                full = label_tokens(texts[i], encodings["input_ids"][i], encodings["offset_mapping"][i], spans[i],
-                                    messages, None, settings.train_on_prompt, settings.mask_history)  # fmt: skip
+                full = label_tokens(
+                    texts[i],
+                    encodings["input_ids"][i],
+                    encodings["offset_mapping"][i],
+                    spans[i],
+                    messages,
+                    None,
+                    settings.train_on_prompt,
+                    settings.mask_history,
+                )
             except TemplateError as err:
                 raise TemplateError(f"row {indices[i]}: {err}") from None
             ids, labels = full["input_ids"], full["labels"]

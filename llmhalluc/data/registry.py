@@ -17,13 +17,38 @@ INFO_FILE = "dataset_info.json"
 
 # Entry keys LLaMA-Factory defines, plus our own `converter`.
 ENTRY_KEYS = {
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "file_sha1",
-    "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags", "converter",
-}  # fmt: skip
+    "hf_hub_url",
+    "ms_hub_url",
+    "om_hub_url",
+    "script_url",
+    "cloud_file_name",
+    "file_name",
+    "file_sha1",
+    "formatting",
+    "ranking",
+    "subset",
+    "split",
+    "folder",
+    "num_samples",
+    "columns",
+    "tags",
+    "converter",
+}
 LF_COLUMN_KEYS = {
-    "prompt", "query", "response", "history", "messages", "system", "tools",
-    "images", "videos", "audios", "chosen", "rejected", "kto_tag",
-}  # fmt: skip
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "tools",
+    "images",
+    "videos",
+    "audios",
+    "chosen",
+    "rejected",
+    "kto_tag",
+}
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 
@@ -90,9 +115,9 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
         raise DataError(f"{where}: unknown converter {converter!r}; known: {', '.join(sorted(CONVERTERS))}")
     if entry.get("ranking"):
         raise DataError(f"{where}: ranking (preference) datasets are not supervised fine-tuning data")
-    source, location = _source(where, entry, Path(dataset_dir))
     columns = _columns(where, entry, formatting, converter, CONVERTERS[converter].columns)
     tags = _tags(where, entry, formatting)
+    source, location = _source(where, entry, Path(dataset_dir))
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")

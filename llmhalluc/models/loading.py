@@ -23,7 +23,7 @@ def resolve_template(template: str) -> str:
             raise UserError(f"template: file not found: {path}")
         return path.read_text(encoding="utf-8")
     raise UserError(f"template: unknown template {template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, "
-                    "or a path to a .jinja file")  # fmt: skip
+                    "or a path to a .jinja file")
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -34,7 +34,7 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
     except OSError as err:
         raise UserError(f"model_name_or_path: cannot load a tokenizer from {model.model_name_or_path!r}: "
-                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+                        f"{str(err).splitlines()[0]}") from None
     if model.template is not None:
         tokenizer.chat_template = template
     chat_template_of(tokenizer)  # a tokenizer with no template at all is an error now, not at the first row
@@ -49,7 +49,7 @@ def load_model(model: ModelConfig) -> PreTrainedModel:
     """The causal LM in fp32 (mixed precision comes from accelerate/DeepSpeed), cache off, checkpointing if asked."""
     if model.trust_remote_code:
         print(f"WARNING: trust_remote_code is on: running modelling code shipped with {model.model_name_or_path}",
-              flush=True)  # fmt: skip
+              flush=True)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             model.model_name_or_path,
@@ -59,7 +59,7 @@ def load_model(model: ModelConfig) -> PreTrainedModel:
         )
     except (OSError, ImportError, ValueError) as err:
         raise UserError(f"model_name_or_path: cannot load {model.model_name_or_path!r}: "
-                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+                        f"{str(err).splitlines()[0]}") from None
     loaded.config.use_cache = False
     if model.gradient_checkpointing:
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -55,8 +55,9 @@ def train(config: Config) -> Path:
     train_data = build_train_loader(config, tokenizer, accelerator)
     eval_set = None
     if config.data.eval_dataset:
-        eval_set, eval_stats = prepare_dataset(config.data.eval_dataset, config.data, tokenizer, training.seed,
-                                               accelerator.local_main_process_first)  # fmt: skip
+        eval_set, eval_stats = prepare_dataset(
+            config.data.eval_dataset, config.data, tokenizer, training.seed, accelerator.local_main_process_first
+        )
         train_data.summary["eval_data"] = eval_stats.to_dict()
     sampler = train_data.sampler
     total_steps = training.max_steps or math.ceil(training.num_train_epochs * sampler.steps_per_epoch)
@@ -80,14 +81,17 @@ def train(config: Config) -> Path:
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"config:\n{config.to_yaml()}\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
 
-    state = TrainerState(data_seed=training.seed, global_batch_size=sampler.global_batch,
-                         steps_per_epoch=sampler.steps_per_epoch)  # fmt: skip
+    state = TrainerState(
+        data_seed=training.seed, global_batch_size=sampler.global_batch, steps_per_epoch=sampler.steps_per_epoch
+    )
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         state = TrainerState.read(resume_dir)
         if state.global_batch_size != sampler.global_batch:
-            raise UserError(f"{resume_dir} was trained with a global batch of {state.global_batch_size}, this run "
-                            f"has {sampler.global_batch}: resume with the same batch settings")  # fmt: skip
+            raise UserError(
+                f"{resume_dir} was trained with a global batch of {state.global_batch_size}, this run "
+                f"has {sampler.global_batch}: resume with the same batch settings"
+            )
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     logger = MetricsLogger(config, output_dir, accelerator.is_main_process, total_steps, state.step, summary)
     windows = accumulation_windows(train_data.loader, sampler, state.step, training.gradient_accumulation_steps)
@@ -110,7 +114,7 @@ def train(config: Config) -> Path:
             logger.log({k: v for k, v in row.items() if k != "tokens_since_last_row"})
         if eval_set is not None and ((run.eval_steps and state.step % run.eval_steps == 0) or last):
             logger.log({"step": state.step, **evaluate(model, eval_set, tokenizer, accelerator, config)})
-        if run.save_steps and state.step % run.save_steps == 0 and not last:
+        if run.save_steps and state.step % run.save_steps == 0:
             save_checkpoint(accelerator, output_dir, state, run.save_total_limit)
         logger.advance()
     save_final_model(accelerator, model, tokenizer, output_dir)
@@ -130,8 +134,13 @@ class StepResult:
     grad_norm: torch.Tensor | float
 
 
-def train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
-               max_grad_norm: float) -> StepResult:  # fmt: skip
+def train_step(
+    model: Any,
+    optimizer: Any,
+    micro_batches: list[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    max_grad_norm: float,
+) -> StepResult:
     """Forward and backward over the accumulation window, then one optimizer step on the exact global mean."""
     local_count = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
     global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), "sum")
@@ -169,8 +178,9 @@ def evaluate(model: Any, eval_set: Any, tokenizer: Any, accelerator: Accelerator
     collate = PaddedCollator(tokenizer.pad_token_id, config.data.pad_to_multiple_of)
     ce = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    batches = eval_batches(len(eval_set), config.training.per_device_eval_batch_size, accelerator.num_processes,
-                           accelerator.process_index)  # fmt: skip
+    batches = eval_batches(
+        len(eval_set), config.training.per_device_eval_batch_size, accelerator.num_processes, accelerator.process_index
+    )
     for indices in batches:
         # A rank with no rows left still runs a (discarded) forward so ZeRO-3's collectives stay in step.
         batch = to_device(collate([eval_set[i] for i in (indices or [0])]), accelerator.device)
@@ -196,8 +206,9 @@ class TrainData:
 def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator) -> TrainData:
     """Tokenized training data as padded examples or packed rows, in seeded global batches for this rank."""
     data, training = config.data, config.training
-    examples, stats = prepare_dataset(data.dataset, data, tokenizer, training.seed,
-                                      accelerator.local_main_process_first)  # fmt: skip
+    examples, stats = prepare_dataset(
+        data.dataset, data, tokenizer, training.seed, accelerator.local_main_process_first
+    )
     lengths = examples["length"]
     examples = examples.select_columns(["input_ids", "labels"])
     summary: dict[str, Any] = {"train_data": stats.to_dict()}
@@ -210,21 +221,34 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
         items, collate = PackedRows(examples, bins), PackedCollator()
     else:
         items, collate = examples, PaddedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of)
-    sampler = GlobalBatchSampler(len(items), training.per_device_train_batch_size,
-                                 training.gradient_accumulation_steps, accelerator.num_processes,
-                                 accelerator.process_index, training.seed)  # fmt: skip
+    sampler = GlobalBatchSampler(
+        len(items),
+        training.per_device_train_batch_size,
+        training.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        training.seed,
+    )
     if sampler.steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(items)} {'rows' if data.packing else 'examples'}, fewer than one "
-                        f"global batch of {sampler.global_batch}: lower the batch size or add data")  # fmt: skip
-    loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=data.dataloader_num_workers,
-                        pin_memory=torch.cuda.is_available(),
-                        # Its own generator, so iterating never consumes the global RNG that dropout uses.
-                        generator=torch.Generator().manual_seed(training.seed))  # fmt: skip
+        raise UserError(
+            f"the training set has {len(items)} {'rows' if data.packing else 'examples'}, fewer than one "
+            f"global batch of {sampler.global_batch}: lower the batch size or add data"
+        )
+    loader = DataLoader(
+        items,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=data.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator, so iterating never consumes the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(training.seed),
+    )
     return TrainData(loader, sampler, summary)
 
 
-def accumulation_windows(loader: DataLoader, sampler: GlobalBatchSampler, start_step: int, accumulation: int
-                         ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:  # fmt: skip
+def accumulation_windows(
+    loader: DataLoader, sampler: GlobalBatchSampler, start_step: int, accumulation: int
+) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(epoch, the micro-batches of one optimizer step), forever, starting at optimizer step `start_step`."""
     epoch, done = divmod(start_step, sampler.steps_per_epoch)
     while True:
@@ -253,10 +277,12 @@ class WindowMeter:
     def row(self, step: int, epoch: float, flops_model: Any) -> dict[str, Any]:
         """The metrics row for the steps since the last row; the only host-device sync of the window."""
         device = self.accelerator.device
-        local = torch.stack([
-            sum(r.ce_sum for r in self.results),
-            torch.tensor(float(sum(r.tokens for r in self.results)), device=device),
-        ])  # fmt: skip
+        local = torch.stack(
+            [
+                sum(r.ce_sum for r in self.results),
+                torch.tensor(float(sum(r.tokens for r in self.results)), device=device),
+            ]
+        )
         ce_sum, tokens = self.accelerator.reduce(local, "sum").tolist()
         trained = float(sum(r.trained_tokens for r in self.results))
         grad_norms = [float(r.grad_norm) for r in self.results]
@@ -279,8 +305,12 @@ class WindowMeter:
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if flops_model is not None:
                 squares = float(sum(r.sum_squared_lengths for r in self.results))
-                flops = training_flops(*flops_model, tokens=int(tokens), trained_tokens=int(trained),
-                                       sum_squared_lengths=int(squares) * self.accelerator.num_processes)  # fmt: skip
+                flops = training_flops(
+                    *flops_model,
+                    tokens=int(tokens),
+                    trained_tokens=int(trained),
+                    sum_squared_lengths=int(squares) * self.accelerator.num_processes,
+                )
                 utilization = mfu(flops, seconds, self.accelerator.num_processes)
                 if utilization is not None:
                     row["mfu"] = utilization
@@ -315,8 +345,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
     """The checkpoint to resume from; an error if output_dir holds another run and no resume was asked for."""
     if resume_from_checkpoint is None and (checkpoint_steps(output_dir) or (output_dir / "metrics.jsonl").exists()):
-        raise UserError(f"output_dir {output_dir} already holds a run: set resume_from_checkpoint: latest to "
-                        "continue it, or choose another output_dir")  # fmt: skip
+        raise UserError(
+            f"output_dir {output_dir} already holds a run: set resume_from_checkpoint: latest to "
+            "continue it, or choose another output_dir"
+        )
     return resolve_resume(resume_from_checkpoint, output_dir)
 
 
@@ -326,8 +358,11 @@ def run_summary(accelerator: Accelerator, config: Config, train_data: TrainData,
     zero = ds_config.get("zero_optimization", {})
     sampler = train_data.sampler
     stats = train_data.summary["train_data"]
-    tokens_per_item = (config.data.max_length * train_data.summary["packing"]["efficiency"] if config.data.packing
-                       else stats["tokens"] / max(stats["examples"], 1))  # fmt: skip
+    tokens_per_item = (
+        config.data.max_length * train_data.summary["packing"]["efficiency"]
+        if config.data.packing
+        else stats["tokens"] / max(stats["examples"], 1)
+    )
     processes_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     summary = {
         "machines": accelerator.num_processes // processes_per_machine,

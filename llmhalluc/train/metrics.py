@@ -31,8 +31,15 @@ PEAK_BF16_FLOPS = {
 class MetricsLogger:
     """Writes metric rows to metrics.jsonl and wandb and drives the progress bar; a no-op off the main process."""
 
-    def __init__(self, config: Config, output_dir: Path, is_main: bool, total_steps: int, start_step: int,
-                 run_summary: dict[str, Any]):  # fmt: skip
+    def __init__(
+        self,
+        config: Config,
+        output_dir: Path,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        run_summary: dict[str, Any],
+    ):
         self.is_main = is_main
         self.wandb_run = None
         self.bar = None
@@ -43,8 +50,13 @@ class MetricsLogger:
         self.file = self.path.open("a", encoding="utf-8")
         if "wandb" in config.run.report_to:
             self.wandb_run = _start_wandb(config, output_dir, run_summary)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty() and os.environ.get("LLMHALLUC_PROGRESS") != "1")  # fmt: skip
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty() and os.environ.get("LLMHALLUC_PROGRESS") != "1",
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         """Record one row (a training or evaluation step)."""
@@ -93,14 +105,27 @@ def _start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) 
     id_file.write_text(run_id)
     settings = wandb.Settings(init_timeout=60, silent=True)
     try:
-        return wandb.init(project=config.run.wandb_project, name=config.run.run_name or output_dir.name, id=run_id,
-                          resume="allow", dir=str(output_dir), config={**config.to_flat_dict(), **run_summary},
-                          settings=settings)  # fmt: skip
+        return wandb.init(
+            project=config.run.wandb_project,
+            name=config.run.run_name or output_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config={**config.to_flat_dict(), **run_summary},
+            settings=settings,
+        )
     except Exception as err:  # no network or no login: keep training, keep the run on disk
         print(f"warning: wandb could not start online ({err}); logging offline to {output_dir}/wandb", flush=True)
-        return wandb.init(project=config.run.wandb_project, name=config.run.run_name or output_dir.name, id=run_id,
-                          resume="allow", dir=str(output_dir), mode="offline",
-                          config={**config.to_flat_dict(), **run_summary}, settings=settings)  # fmt: skip
+        return wandb.init(
+            project=config.run.wandb_project,
+            name=config.run.run_name or output_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            mode="offline",
+            config={**config.to_flat_dict(), **run_summary},
+            settings=settings,
+        )
 
 
 def peak_flops_per_device() -> float | None:
@@ -114,8 +139,9 @@ def peak_flops_per_device() -> float | None:
     return None
 
 
-def training_flops(model_config: Any, num_params: int, lm_head_params: int, tokens: int, trained_tokens: int,
-                   sum_squared_lengths: int) -> float:  # fmt: skip
+def training_flops(
+    model_config: Any, num_params: int, lm_head_params: int, tokens: int, trained_tokens: int, sum_squared_lengths: int
+) -> float:
     """Model FLOPs of one pass over a batch: 6N per token (the LM head only on trained tokens) + attention."""
     body = num_params - lm_head_params - model_config.vocab_size * model_config.hidden_size  # no input embedding
     dense = 6 * body * tokens + 6 * lm_head_params * trained_tokens

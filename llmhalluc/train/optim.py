@@ -54,9 +54,12 @@ def build_optimizer(
         optimizer = DummyOptim(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
     else:
         optimizer = torch.optim.AdamW(
-            groups, lr=training.learning_rate, betas=betas, eps=training.adam_epsilon,
+            groups,
+            lr=training.learning_rate,
+            betas=betas,
+            eps=training.adam_epsilon,
             fused=torch.cuda.is_available(),
-        )  # fmt: skip
+        )
     if deepspeed_config is not None and "scheduler" in deepspeed_config:
         scheduler = DummyScheduler(optimizer, total_num_steps=total_steps, warmup_num_steps=warmup)
         return OptimizerSetup(optimizer, scheduler, loop_steps_scheduler=False)

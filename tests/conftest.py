@@ -1,0 +1,96 @@
+"""Shared fixtures: an isolated HF cache, the offline tiny model, and launchers for 1- and 2-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports datasets/transformers: no network, a private datasets cache, quiet tools.
+_CACHE = Path(tempfile.mkdtemp(prefix="llmhalluc-test-cache-"))
+os.environ["HF_DATASETS_CACHE"] = str(_CACHE / "datasets")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default (chatml) tiny model, built once per test session."""
+    from llmhalluc.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    """The tiny model's tokenizer (chatml template with generation markers)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_sft(
+    args: list[str],
+    accelerate_config: str | None = None,
+    expect_code: int = 0,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run train/sft.py (under `accelerate launch` when a config is named); on an unexpected exit code, fail
+    showing every rank's output, so a flaky launch is diagnosable."""
+    if accelerate_config is None:
+        command = [sys.executable, str(REPO / "train" / "sft.py"), *args]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / accelerate_config),
+            "--main_process_port",
+            str(free_port()),
+            str(REPO / "train" / "sft.py"),
+            *args,
+        ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    if result.returncode != expect_code:
+        pytest.fail(
+            f"exit code {result.returncode}, expected {expect_code}: {' '.join(command)}\n"
+            f"--- stdout ---\n{result.stdout[-20000:]}\n--- stderr ---\n{result.stderr[-20000:]}"
+        )
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The rows of output_dir/metrics.jsonl."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_chats(folder: Path, name: str, chats: list[list[dict]], formatting: str = "openai") -> Path:
+    """A dataset_dir holding `chats` as name.jsonl and a dataset_info.json entry for it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    info_path = folder / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = {"file_name": f"{name}.jsonl", "formatting": formatting}
+    info_path.write_text(json.dumps(info, indent=1))
+    return folder
