@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def _start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) 
     import wandb
 
     id_file = output_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     settings = wandb.Settings(init_timeout=60, silent=True)
     try:

@@ -1,0 +1,140 @@
+"""Batches: padding, best-fit-decreasing packing, packed attention isolation, and the global-batch sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmhalluc.data.batching import (
+    GlobalBatchSampler,
+    PackedCollator,
+    PaddedCollator,
+    eval_batches,
+    pack_best_fit_decreasing,
+    packing_efficiency,
+)
+from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
+from llmhalluc.train.loop import cross_entropy_sum
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    rows = [json.loads(line)["messages"] for line in (DATA / "demo_train.jsonl").read_text().splitlines()[:12]]
+    return [tokenize_chat(tokenizer, messages) for messages in rows]
+
+
+def test_padded_collator(examples):
+    batch = PaddedCollator(pad_token_id=0, pad_to_multiple_of=8)(examples[:3])
+    longest = max(len(e["input_ids"]) for e in examples[:3])
+    assert batch["input_ids"].shape == (3, -(-longest // 8) * 8)
+    for row, example in enumerate(examples[:3]):
+        n = len(example["input_ids"])
+        assert batch["input_ids"][row, :n].tolist() == example["input_ids"]
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert set(batch["labels"][row, n:].tolist()) <= {IGNORE_INDEX}
+
+
+def test_packed_collator_restarts_positions_and_unlabels_first_tokens(examples):
+    rows = [examples[:2], examples[2:5]]
+    batch = PackedCollator()(rows)
+    lengths = [len(e["input_ids"]) for e in examples[:5]]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    assert "attention_mask" not in batch
+    positions = batch["position_ids"][0].tolist()
+    start = 0
+    for example, n in zip(examples[:5], lengths):
+        assert positions[start : start + n] == list(range(n))
+        assert batch["labels"][0, start].item() == IGNORE_INDEX
+        assert batch["labels"][0, start + 1 : start + n].tolist() == example["labels"][1:]
+        start += n
+
+
+def test_best_fit_decreasing_is_a_valid_tight_packing():
+    rng = random.Random(0)
+    # GSM8K-shaped: about 200 tokens per chat (question + worked answer), a long tail, rows of 2048.
+    lengths = [max(40, min(2048, int(rng.gauss(200, 70)))) for _ in range(10_000)]
+    bins = pack_best_fit_decreasing(lengths, 2048)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
+    efficiency = packing_efficiency(lengths, bins, 2048)
+    assert efficiency >= 0.97, efficiency
+    with pytest.raises(ValueError, match="more than the row capacity"):
+        pack_best_fit_decreasing([10, 3000], 2048)
+
+
+def test_best_fit_picks_the_tightest_row():
+    # 6 goes in first; 4 then fits the 6-row exactly (best fit), not a new row; 5 and 5 share the last row.
+    assert pack_best_fit_decreasing([4, 6, 5, 5], 10) == [[1, 0], [2, 3]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    chosen = examples[:6]
+    packed = PackedCollator()([chosen])
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+        start = 0
+        for example in chosen:
+            n = len(example["input_ids"])
+            alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed_logits.logits[0, start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+
+
+def test_packed_loss_equals_padded_loss(tiny_model_dir, examples):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        padded = cross_entropy_sum(model, PaddedCollator(pad_token_id=0)(examples[:8]))
+        packed = cross_entropy_sum(model, PackedCollator()([examples[:3], examples[3:8]]))
+        # Reference: the textbook full-logits computation, example by example.
+        reference = 0.0
+        for example in examples[:8]:
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            reference += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-6)
+    assert padded.item() == pytest.approx(reference, rel=1e-5)
+
+
+def global_batches(num_items, per_device, accumulation, processes, epoch=0):
+    samplers = [GlobalBatchSampler(num_items, per_device, accumulation, processes, r, seed=7) for r in range(processes)]
+    streams = []
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+        streams.append(list(sampler))
+    batches = []
+    for step in range(samplers[0].steps_per_epoch):
+        members = set()
+        for stream in streams:
+            for micro in stream[step * accumulation : (step + 1) * accumulation]:
+                assert len(micro) == per_device
+                members.update(micro)
+        batches.append(members)
+    return batches
+
+
+def test_global_batches_do_not_depend_on_the_split():
+    reference = global_batches(50, 8, 1, 1)
+    assert len(reference) == 6  # 50 // 8; the last incomplete global batch is not used this epoch
+    assert global_batches(50, 2, 4, 1) == reference
+    assert global_batches(50, 4, 1, 2) == reference
+    assert global_batches(50, 2, 2, 2) == reference
+    assert global_batches(50, 1, 4, 2) == reference
+    assert sum(len(b) for b in reference) == len(set().union(*reference)) == 48
+    assert global_batches(50, 8, 1, 1, epoch=1) != reference
+
+
+def test_eval_batches_cover_every_item_once_with_equal_counts_per_rank():
+    for num_items, batch_size, processes in [(10, 3, 2), (7, 2, 3), (1, 4, 2), (48, 1, 2)]:
+        per_rank = [eval_batches(num_items, batch_size, processes, r) for r in range(processes)]
+        assert len({len(b) for b in per_rank}) == 1
+        flat = [i for batches in per_rank for b in batches for i in b]
+        assert sorted(flat) == list(range(num_items))

@@ -1,0 +1,248 @@
+"""The training loop end to end, on the tiny model, in 1 and 2 processes (DDP, ZeRO-2, ZeRO-3 on gloo).
+
+Exactness is checked against an independent reference computed here with a plain forward/backward, and resume
+against an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics, run_sft, write_chats
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def demo_chats() -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in (DATA / "demo_train.jsonl").read_text().splitlines()]
+
+
+def eight_chats() -> list[list[dict]]:
+    """Eight chats of clearly different lengths, some multi-turn, some with a system prompt."""
+    chats = sorted(demo_chats(), key=lambda m: sum(len(t["content"]) for t in m))
+    return [chats[i] for i in (0, 60, 120, 200, 280, 360, 440, 479)]
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory, tiny_model_dir) -> dict:
+    """A dataset of the 8 chats, the base args of a 1-step run on them, and the reference loss and grad norm."""
+    root = tmp_path_factory.mktemp("eight")
+    chats = eight_chats()
+    write_chats(root / "data", "eight", chats)
+    base = [
+        "configs/demo.yaml",
+        f"model_name_or_path={tiny_model_dir}",
+        "dataset=eight",
+        f"dataset_dir={root / 'data'}",
+        "eval_dataset=[]",
+        "eval_steps=",
+        "save_steps=",
+        "max_length=1024",
+        "max_steps=1",
+        "learning_rate=1e-3",
+        "lr_scheduler_type=constant",
+        "warmup_ratio=0",
+        "logging_steps=1",
+        "seed=1",
+    ]
+    # The reference: the textbook computation over the whole batch at once, full logits, HF's label shift.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples = [tokenize_chat(tokenizer, chat) for chat in chats]
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((8, longest), tokenizer.pad_token_id)
+    labels = torch.full((8, longest), IGNORE_INDEX)
+    mask = torch.zeros((8, longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = (
+            torch.tensor(example["input_ids"]),
+            torch.tensor(example["labels"]),
+            1,
+        )
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    loss.backward()
+    grad_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+    return {"root": root, "base": base, "loss": loss.item(), "grad_norm": grad_norm}
+
+
+SPLITS = {
+    "1proc-mbs8": (None, ["per_device_train_batch_size=8"]),
+    "1proc-mbs2-ga4": (None, ["per_device_train_batch_size=2", "gradient_accumulation_steps=4"]),
+    "1proc-packed": (None, ["per_device_train_batch_size=1", "packing=true"]),
+    "ddp-mbs4": ("cpu_ddp.yaml", ["per_device_train_batch_size=4"]),
+    "zero2-mbs2-ga2": ("cpu_zero2.yaml", ["per_device_train_batch_size=2", "gradient_accumulation_steps=2"]),
+    "zero3-mbs1-ga4": ("cpu_zero3.yaml", ["per_device_train_batch_size=1", "gradient_accumulation_steps=4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def split_runs(eight) -> dict[str, Path]:
+    outputs = {}
+    for name, (launch, args) in SPLITS.items():
+        out = eight["root"] / name
+        run_sft([*eight["base"], f"output_dir={out}", *args], accelerate_config=launch)
+        outputs[name] = out
+    return outputs
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_one_step_matches_the_reference_at_every_split(eight, split_runs, name):
+    (row,) = read_metrics(split_runs[name])
+    assert row["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(eight["grad_norm"], rel=1e-5)
+    summary = json.loads((split_runs[name] / "run_summary.json").read_text())
+    assert summary["processes"] == (1 if SPLITS[name][0] is None else 2)
+    expected_type = {None: "NO", "cpu_ddp.yaml": "MULTI_CPU"}.get(SPLITS[name][0], "DEEPSPEED")
+    assert summary["distributed_type"] == expected_type
+
+
+def test_updated_weights_agree_across_splits(split_runs):
+    # After one AdamW step (lr 1e-3) every weight moved by ~1e-3; splits agree to float noise that Adam's
+    # normalisation amplifies on near-zero gradients (a few 1e-6 to 1e-5), far below one update.
+    reference = load_file(split_runs["1proc-mbs8"] / "model.safetensors")
+    for name in SPLITS:
+        weights = load_file(split_runs[name] / "model.safetensors")
+        assert weights.keys() == reference.keys()
+        worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst < 5e-5, (name, worst)
+
+
+RESUME_ARGS = [
+    "dataset=demo",
+    "max_samples=52",
+    "eval_dataset=demo_eval",
+    "max_length=512",
+    "per_device_train_batch_size=2",
+    "gradient_accumulation_steps=2",
+    "num_train_epochs=2",
+    "learning_rate=1e-3",
+    "lr_scheduler_type=cosine",
+    "warmup_steps=2",
+    "warmup_ratio=0",
+    "logging_steps=1",
+    "eval_steps=13",
+    "seed=5",
+]
+
+
+def resume_pair(tmp_path: Path, tiny_model_dir: Path, launch: str | None, extra: list[str]) -> tuple[Path, Path]:
+    """An uninterrupted run that checkpoints at step 17 (4 steps into epoch 2 of 13 steps), and a second run
+    resumed from that checkpoint in a fresh output_dir."""
+    args = ["configs/demo.yaml", f"model_name_or_path={tiny_model_dir}", *RESUME_ARGS, *extra]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_sft([*args, f"output_dir={full}", "save_steps=17"], accelerate_config=launch)
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-17", resumed / "checkpoint-17")
+    # The resumed run saves at 26, the final step, so the final weights can be checked against its checkpoint.
+    run_sft(
+        [*args, f"output_dir={resumed}", "save_steps=13", "resume_from_checkpoint=latest"], accelerate_config=launch
+    )
+    return full, resumed
+
+
+def assert_same_run(full: Path, resumed: Path) -> None:
+    rows_full = [r for r in read_metrics(full) if r["step"] > 17]
+    rows_resumed = read_metrics(resumed)
+    assert [r["step"] for r in rows_resumed] == [r["step"] for r in rows_full] == [*range(18, 27), 26]
+    for a, b in zip(rows_full, rows_resumed):
+        for key in ("loss", "grad_norm", "lr", "eval_loss", "tokens", "trained_tokens", "epoch"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    state = json.loads((full / "checkpoint-17" / "trainer_state.json").read_text())
+    assert state["step"] == 17 and state["epoch"] == 1 and state["steps_per_epoch"] == 13
+    final_full = load_file(full / "model.safetensors")
+    final_resumed = load_file(resumed / "model.safetensors")
+    for key in final_full:
+        assert torch.equal(final_full[key], final_resumed[key]), key
+
+
+def test_resume_mid_epoch_two_is_exact_one_process(tmp_path, tiny_model_dir):
+    full, resumed = resume_pair(tmp_path, tiny_model_dir, None, [])
+    assert_same_run(full, resumed)
+
+
+@pytest.fixture(scope="module")
+def zero3_resume(tmp_path_factory, tiny_model_dir):
+    return resume_pair(tmp_path_factory.mktemp("zero3"), tiny_model_dir, "cpu_zero3.yaml",
+                       ["per_device_train_batch_size=1"])  # fmt: skip
+
+
+def test_resume_mid_epoch_two_is_exact_zero3_two_processes(zero3_resume):
+    assert_same_run(*zero3_resume)
+
+
+def test_zero3_final_model_loads_strictly_and_equals_the_gathered_shards(zero3_resume):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, resumed = zero3_resume
+    model, info = AutoModelForCausalLM.from_pretrained(resumed, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert AutoTokenizer.from_pretrained(resumed).chat_template
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(resumed / "checkpoint-26"))
+    saved = load_file(resumed / "model.safetensors")
+    assert set(saved) == set(gathered)
+    for key, value in gathered.items():
+        assert torch.equal(saved[key], value), key
+    assert model.generation_config.eos_token_id is not None
+
+
+def test_same_config_twice_gives_the_same_metrics_and_wandb_offline_records_them(tmp_path, eight):
+    args = [*eight["base"], "max_steps=4", "per_device_train_batch_size=2", "report_to=wandb"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_sft([*args, f"output_dir={first}"], env={"WANDB_MODE": "offline"})
+    run_sft([*args, f"output_dir={second}"], env={"WANDB_MODE": "offline"})
+    timing = {"tokens_per_second", "trained_tokens_per_second", "step_time"}
+    strip = [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(first)]
+    assert strip == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(second)]
+    (run_file,) = (first / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = run_file.read_bytes()
+    for row in read_metrics(first):  # wandb stores each logged value as its JSON text
+        for key in ("loss", "grad_norm", "lr", "trained_tokens"):
+            assert json.dumps(row[key]).encode() in recorded, key
+    assert b"per_device_train_batch_size" in recorded  # the resolved config is attached
+
+
+def test_metrics_rows_and_final_model(tmp_path, eight):
+    out = tmp_path / "out"
+    run_sft([*eight["base"], "max_steps=6", "per_device_train_batch_size=2", "logging_steps=2", f"output_dir={out}"])
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        for key in ("epoch", "loss", "grad_norm", "lr", "tokens", "trained_tokens", "tokens_per_second",
+                    "trained_tokens_per_second", "step_time", "tokens_seen"):  # fmt: skip
+            assert key in row
+        assert row["trained_tokens"] < row["tokens"]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.use_cache is True
+    saved = yaml_safe_load(out / "config.yaml")
+    assert saved["max_steps"] == 6 and saved["logging_steps"] == 2
+
+
+def test_existing_run_in_output_dir_is_not_overwritten(tmp_path, eight):
+    out = tmp_path / "out"
+    run_sft([*eight["base"], "per_device_train_batch_size=8", f"output_dir={out}"])
+    before = (out / "metrics.jsonl").read_text()
+    result = run_sft([*eight["base"], "per_device_train_batch_size=8", f"output_dir={out}"], expect_code=2)
+    assert "already holds a run: set resume_from_checkpoint: latest" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def yaml_safe_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
