@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data.templates import read_builtin_template
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -44,7 +45,8 @@ def eight(tmp_path_factory, tiny_model_dir) -> dict:
         f"model_name_or_path={tiny_model_dir}",
         "dataset=eight",
         f"dataset_dir={root / 'data'}",
-        "eval_dataset=[]",
+        "eval_dataset=eight",
+        "per_device_eval_batch_size=3",
         "eval_steps=",
         "save_steps=",
         "max_length=1024",
@@ -101,13 +103,50 @@ def split_runs(eight) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", sorted(SPLITS))
 def test_one_step_matches_the_reference_at_every_split(eight, split_runs, name):
-    (row,) = read_metrics(split_runs[name])
+    (row,) = [r for r in read_metrics(split_runs[name]) if "loss" in r]
     assert row["loss"] == pytest.approx(eight["loss"], rel=1e-5)
     assert row["grad_norm"] == pytest.approx(eight["grad_norm"], rel=1e-5)
     summary = json.loads((split_runs[name] / "run_summary.json").read_text())
     assert summary["processes"] == (1 if SPLITS[name][0] is None else 2)
     expected_type = {None: "NO", "cpu_ddp.yaml": "MULTI_CPU"}.get(SPLITS[name][0], "DEEPSPEED")
     assert summary["distributed_type"] == expected_type
+
+
+def test_eval_loss_is_token_weighted_across_ranks(split_runs, tiny_model_dir):
+    # Reference: the 1-process model after its step, evaluated here over the 8 chats in one textbook pass.
+    out = split_runs["1proc-mbs8"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ce, count = 0.0, 0
+    with torch.no_grad():
+        for chat in eight_chats():
+            example = tokenize_chat(tokenizer, chat)
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            ce += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    (evaluation,) = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert evaluation["eval_loss"] == pytest.approx(ce / count, rel=1e-5)
+    assert evaluation["eval_tokens"] == count
+    assert evaluation["eval_perplexity"] == pytest.approx(math.exp(ce / count), rel=1e-5)
+    for name in SPLITS:  # 8 rows over 2 ranks in batches of 3: uneven batches, the same token-weighted mean
+        (other,) = [r for r in read_metrics(split_runs[name]) if "eval_loss" in r]
+        assert other["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-4), name
+        assert other["eval_tokens"] == count
+
+
+def test_deepspeed_got_the_experiments_numbers_and_zero3_loaded_sharded(split_runs):
+    zero3 = json.loads((split_runs["zero3-mbs1-ga4"] / "run_summary.json").read_text())
+    given = zero3["deepspeed_config"]
+    assert given["train_micro_batch_size_per_gpu"] == 1
+    assert given["gradient_accumulation_steps"] == 4
+    assert given["train_batch_size"] == 8
+    assert given["gradient_clipping"] == 1.0
+    assert given["zero_optimization"]["stage"] == 3
+    assert zero3["loaded_sharded"] is True
+    zero2 = json.loads((split_runs["zero2-mbs2-ga2"] / "run_summary.json").read_text())
+    assert zero2["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 2
+    assert zero2["loaded_sharded"] is False
 
 
 def test_updated_weights_agree_across_splits(split_runs):
@@ -203,23 +242,39 @@ def test_same_config_twice_gives_the_same_metrics_and_wandb_offline_records_them
     args = [*eight["base"], "max_steps=4", "per_device_train_batch_size=2", "report_to=wandb"]
     first, second = tmp_path / "first", tmp_path / "second"
     run_sft([*args, f"output_dir={first}"], env={"WANDB_MODE": "offline"})
-    run_sft([*args, f"output_dir={second}"], env={"WANDB_MODE": "offline"})
+    # The saved config reproduces the run (into another folder: the first one is never overwritten).
+    run_sft([str(first / "config.yaml"), f"output_dir={second}"], env={"WANDB_MODE": "offline"})
     timing = {"tokens_per_second", "trained_tokens_per_second", "step_time"}
     strip = [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(first)]
     assert strip == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(second)]
     (run_file,) = (first / "wandb").glob("offline-run-*/run-*.wandb")
     recorded = run_file.read_bytes()
     for row in read_metrics(first):  # wandb stores each logged value as its JSON text
-        for key in ("loss", "grad_norm", "lr", "trained_tokens"):
-            assert json.dumps(row[key]).encode() in recorded, key
+        for key in ("loss", "grad_norm", "lr", "trained_tokens", "eval_loss"):
+            if key in row:
+                assert json.dumps(row[key]).encode() in recorded, key
     assert b"per_device_train_batch_size" in recorded  # the resolved config is attached
 
 
 def test_metrics_rows_and_final_model(tmp_path, eight):
     out = tmp_path / "out"
-    run_sft([*eight["base"], "max_steps=6", "per_device_train_batch_size=2", "logging_steps=2", f"output_dir={out}"])
+    run_sft(
+        [
+            *eight["base"],
+            "max_steps=6",
+            "per_device_train_batch_size=2",
+            "logging_steps=2",
+            "template=qwen",
+            "save_steps=2",
+            "save_total_limit=2",
+            f"output_dir={out}",
+        ]
+    )
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert AutoTokenizer.from_pretrained(out).chat_template == read_builtin_template("qwen")
+    rows = [r for r in rows if "loss" in r]
     for row in rows:
         for key in ("epoch", "loss", "grad_norm", "lr", "tokens", "trained_tokens", "tokens_per_second",
                     "trained_tokens_per_second", "step_time", "tokens_seen"):  # fmt: skip
@@ -246,3 +301,21 @@ def yaml_safe_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_deepspeed_json_value_that_contradicts_the_experiment_is_rejected(tmp_path, eight):
+    ds_json = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json").read_text())
+    ds_json["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "fixed.json").write_text(json.dumps(ds_json))
+    launch = (Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu_zero2.yaml").read_text()
+    (tmp_path / "fixed.yaml").write_text(launch.replace("ds_configs/zero2.json", str(tmp_path / "fixed.json")))
+    out = tmp_path / "out"
+    result = run_sft(
+        [*eight["base"], "per_device_train_batch_size=2", "gradient_accumulation_steps=2", f"output_dir={out}"],
+        accelerate_config=str(tmp_path / "fixed.yaml"),
+        expect_code=1,
+    )
+    assert "train_micro_batch_size_per_gpu is 4 but the experiment's per_device_train_batch_size is 2" in (
+        result.stderr
+    )
+    assert not out.exists()

@@ -47,6 +47,18 @@ def build_accelerator(config: Config) -> Accelerator:
     return accelerator
 
 
+def quiet_other_ranks(accelerator: Accelerator) -> None:
+    """Only the main process shows progress bars and library warnings; the others would repeat them."""
+    if accelerator.is_main_process:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def deepspeed_config_of(accelerator: Accelerator) -> dict[str, Any] | None:
     """The DeepSpeed config dict accelerate will hand to deepspeed.initialize, or None without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -69,13 +81,26 @@ def reconcile_deepspeed_config(accelerator: Accelerator, config: Config) -> None
         # One source of truth for clipping: DeepSpeed clips, with the experiment's max_grad_norm.
         "gradient_clipping": ("max_grad_norm", training.max_grad_norm),
     }
+    if "optimizer" in ds_config:  # DeepSpeed builds the optimizer (e.g. its CPU AdamW for offload)
+        ds_config["optimizer"].setdefault("params", {})
+        optimizer_wanted = {
+            "lr": ("learning_rate", training.learning_rate),
+            "betas": ("adam_beta1, adam_beta2", [training.adam_beta1, training.adam_beta2]),
+            "eps": ("adam_epsilon", training.adam_epsilon),
+            "weight_decay": ("weight_decay", training.weight_decay),
+        }
+        wanted.update({f"optimizer.params.{k}": v for k, v in optimizer_wanted.items()})
     problems = []
-    for key, (ours, value) in wanted.items():
-        given = ds_config.get(key, "auto")
+    for dotted, (ours, value) in wanted.items():
+        *parents, key = dotted.split(".")
+        section = ds_config
+        for parent in parents:
+            section = section[parent]
+        given = section.get(key, "auto")
         if given == "auto":
-            ds_config[key] = value
-        elif given != value:
-            problems.append(f"{source}: {key} is {given} but the experiment's {ours} is {value}")
+            section[key] = value
+        elif (list(given) if isinstance(given, tuple | list) else given) != value:
+            problems.append(f"{source}: {dotted} is {given} but the experiment's {ours} is {value}")
     if problems:
         raise UserError("\n".join(problems) + '\n(set these to "auto" in the json to follow the experiment)')
 

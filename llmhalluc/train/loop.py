@@ -40,7 +40,7 @@ from llmhalluc.data.pipeline import prepare_dataset
 from llmhalluc.errors import UserError
 from llmhalluc.models.loading import load_model, load_tokenizer
 from llmhalluc.train.checkpoint import TrainerState, checkpoint_steps, resolve_resume, save_checkpoint
-from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, zero_stage
+from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks, zero_stage
 from llmhalluc.train.metrics import MetricsLogger, mfu, training_flops
 from llmhalluc.train.optim import build_optimizer
 
@@ -48,6 +48,7 @@ from llmhalluc.train.optim import build_optimizer
 def train(config: Config) -> Path:
     """Run the experiment described by `config`; returns the output_dir holding the final model."""
     accelerator = build_accelerator(config)
+    quiet_other_ranks(accelerator)
     training, run = config.training, config.run
     output_dir = Path(run.output_dir)
     set_seed(training.seed)
@@ -64,6 +65,7 @@ def train(config: Config) -> Path:
     resume_dir = check_output_dir(output_dir, run.resume_from_checkpoint)
 
     model = load_model(config.model)
+    train_data.summary["loaded_sharded"] = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 init
     if torch.cuda.is_available():
         train_data.flops_model = flops_model_of(model)
     setup = build_optimizer(model, training, total_steps, deepspeed_config_of(accelerator))
@@ -79,7 +81,7 @@ def train(config: Config) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"config:\n{config.to_yaml()}\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
+        print(f"config:\n{config.to_yaml()}\nrun: {json.dumps(summary, indent=1)}", flush=True)
 
     state = TrainerState(
         data_seed=training.seed, global_batch_size=sampler.global_batch, steps_per_epoch=sampler.steps_per_epoch
@@ -142,13 +144,15 @@ def train_step(
     max_grad_norm: float,
 ) -> StepResult:
     """Forward and backward over the accumulation window, then one optimizer step on the exact global mean."""
-    local_count = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), "sum")
+    on_device = [to_device(mb, accelerator.device) for mb in micro_batches]
+    # Counted and reduced on the device: exact normalisation without waiting for the host.
+    local_count = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in on_device).float()
+    global_count = accelerator.reduce(local_count, "sum")
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / global_count
     ce_total = torch.zeros((), device=accelerator.device)
-    for micro_batch in micro_batches:
+    for micro_batch in on_device:
         with accelerator.accumulate(model):
-            ce_sum = cross_entropy_sum(model, to_device(micro_batch, accelerator.device))
+            ce_sum = cross_entropy_sum(model, micro_batch)
             accelerator.backward(ce_sum * scale)
         ce_total += ce_sum.detach()
     # Under DeepSpeed the step already ran inside backward and this returns its (pre-clipping) norm.
@@ -379,6 +383,8 @@ def run_summary(accelerator: Accelerator, config: Config, train_data: TrainData,
         "total_steps": total_steps,
         **train_data.summary,
     }
+    if ds_config:
+        summary["deepspeed_config"] = ds_config  # as DeepSpeed received it, every "auto" filled in
     return summary
 
 

@@ -1,0 +1,100 @@
+"""Benchmark: prepare 10,000 GSM8K-sized chats (convert, render, tokenize, mask, filter) and print chats/s.
+
+    python bench/prepare_data.py [--chats 10000] [--workers 2]
+
+Runs on a fresh datasets cache each time (a cache hit would measure nothing). Target: under 20 s on 2 CPU cores
+with the tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CACHE = tempfile.mkdtemp(prefix="llmhalluc-bench-cache-")
+os.environ["HF_DATASETS_CACHE"] = CACHE
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmhalluc.config import DataConfig  # noqa: E402
+from llmhalluc.data.pipeline import prepare_dataset  # noqa: E402
+from llmhalluc.models.tiny import build_tokenizer  # noqa: E402
+
+NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina", "Randy"]
+ITEMS = ["clips", "books", "apples", "stickers", "marbles", "cupcakes", "pages", "shells", "cookies", "pencils"]
+
+
+def gsm8k_sized_row(rng: random.Random) -> dict[str, str]:
+    """A GSM8K-shaped row: a ~240-character question and a ~290-character worked answer ending in #### N."""
+    name, item, other = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(NAMES)
+    a, b, c = rng.randint(10, 90), rng.randint(2, 9), rng.randint(2, 20)
+    question = (
+        f"{name} sold {item} to {a} of her friends in April, and then she sold {b} times as many {item} in May "
+        f"as she did in April. {other} bought {c} more {item} from her in June than in April. How many {item} "
+        f"did {name} sell altogether in April, May and June?"
+    )
+    may, june = a * b, a + c
+    total = a + may + june
+    answer = (
+        f"In May {name} sold {a} * {b} = <<{a}*{b}={may}>>{may} {item}.\n"
+        f"In June {name} sold {a} + {c} = <<{a}+{c}={june}>>{june} {item}.\n"
+        f"Altogether {name} sold {a} + {may} + {june} = <<{a}+{may}+{june}={total}>>{total} {item} "
+        f"in April, May and June.\n#### {total}"
+    )
+    return {"question": question, "answer": answer}
+
+
+def write_dataset(folder: Path, chats: int, seed: int = 0) -> None:
+    """chats GSM8K-shaped rows and a dataset_info.json entry using the gsm8k converter."""
+    rng = random.Random(seed)
+    rows = [gsm8k_sized_row(rng) for _ in range(chats)]
+    (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.jsonl", "converter": "gsm8k"}}))
+
+
+def measure(folder: Path, workers: int | None, template: str | None = None) -> tuple[float, int]:
+    """Seconds to prepare the dataset in `folder` (raw load included), and the examples kept."""
+    tokenizer = build_tokenizer("chatml")
+    if template is not None:
+        tokenizer.chat_template = template
+    config = DataConfig(dataset=["bench"], dataset_dir=str(folder), max_length=1024, preprocessing_num_workers=workers)
+    start = time.perf_counter()
+    _, stats = prepare_dataset(["bench"], config, tokenizer)
+    return time.perf_counter() - start, stats.examples
+
+
+def main() -> None:
+    """Run the benchmark and print chats/s for each setting."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chats", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    import datasets
+
+    datasets.disable_progress_bars()
+    qwen25_style = (
+        build_tokenizer("qwen").chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    )
+    results = {}
+    for label, workers, template in [
+        (f"markers, {args.workers} workers", args.workers, None),
+        ("markers, 1 process", None, None),
+        (f"vendor-style template without markers, {args.workers} workers", args.workers, qwen25_style),
+    ]:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_dataset(Path(tmp), args.chats)
+            seconds, kept = measure(Path(tmp), workers, template)
+        results[label] = {"seconds": round(seconds, 2), "chats_per_second": round(kept / seconds, 1)}
+        print(f"{label}: {kept} chats in {seconds:.2f} s = {kept / seconds:,.0f} chats/s", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
