@@ -68,7 +68,7 @@ class ModelConfig:
         "sdpa", "Attention kernel passed to transformers."
     )
     bf16: bool | None = option(
-        None, "bf16 mixed precision; null = whatever the accelerate config's mixed_precision says."
+        None, "bf16 mixed precision; null = on for GPUs that support it (Ampere and newer), off on CPU."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
 
@@ -383,5 +383,27 @@ def reference_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llmhalluc.config` prints the README reference; `--get KEY CONFIG [key=value ...]` one value."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--get", metavar="KEY", help="print this key's resolved value for CONFIG and overrides")
+    parser.add_argument("config", nargs="?")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    if args.get is None:
+        print(reference_markdown(), end="")
+        return 0
+    try:
+        value = load_config(args.config, args.overrides).to_flat_dict()[args.get]
+    except (ConfigError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(value)
+    return 0
+
+
 if __name__ == "__main__":
-    print(reference_markdown(), end="")
+    raise SystemExit(main())

@@ -215,8 +215,9 @@ def test_resume_mid_epoch_two_is_exact_one_process(tmp_path, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def zero3_resume(tmp_path_factory, tiny_model_dir):
-    return resume_pair(tmp_path_factory.mktemp("zero3"), tiny_model_dir, "cpu_zero3.yaml",
-                       ["per_device_train_batch_size=1"])  # fmt: skip
+    return resume_pair(
+        tmp_path_factory.mktemp("zero3"), tiny_model_dir, "cpu_zero3.yaml", ["per_device_train_batch_size=1"]
+    )
 
 
 def test_resume_mid_epoch_two_is_exact_zero3_two_processes(zero3_resume):
@@ -276,8 +277,18 @@ def test_metrics_rows_and_final_model(tmp_path, eight):
     assert AutoTokenizer.from_pretrained(out).chat_template == read_builtin_template("qwen")
     rows = [r for r in rows if "loss" in r]
     for row in rows:
-        for key in ("epoch", "loss", "grad_norm", "lr", "tokens", "trained_tokens", "tokens_per_second",
-                    "trained_tokens_per_second", "step_time", "tokens_seen"):  # fmt: skip
+        for key in (
+            "epoch",
+            "loss",
+            "grad_norm",
+            "lr",
+            "tokens",
+            "trained_tokens",
+            "tokens_per_second",
+            "trained_tokens_per_second",
+            "step_time",
+            "tokens_seen",
+        ):
             assert key in row
         assert row["trained_tokens"] < row["tokens"]
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -8,6 +8,7 @@ import sys
 
 from llmhalluc.config import load_config
 from llmhalluc.errors import UserError
+from llmhalluc.train.preemption import Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmhalluc.train.loop import train
 
         train(config)
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except UserError as err:
         if args.debug:
             raise

@@ -8,11 +8,28 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
 from accelerate import Accelerator
 
+from llmhalluc.config import Config
 from llmhalluc.errors import UserError
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+# What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these.
+RUN_IDENTITY_KEYS = (
+    "model_name_or_path",
+    "template",
+    "dataset",
+    "dataset_dir",
+    "max_length",
+    "packing",
+    "train_on_prompt",
+    "mask_history",
+    "max_samples",
+    "abstention_answer",
+    "seed",
+)
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,22 +81,43 @@ def partial_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from: a path, or 'latest' complete one in output_dir."""
+    """The checkpoint folder to resume from: a path; the `latest` complete one in output_dir; or with `auto` the
+    latest if there is one, else None (start fresh). Partial checkpoints are skipped with a warning naming them."""
     if resume_from_checkpoint is None:
         return None
-    if resume_from_checkpoint == "latest":
+    if resume_from_checkpoint in ("latest", "auto"):
+        for partial in partial_checkpoints(output_dir):
+            print(f"warning: skipping incomplete checkpoint {partial} (a save that never finished)", flush=True)
         found = checkpoint_steps(output_dir)
-        if not found:
-            raise UserError(f"resume_from_checkpoint: latest, but {output_dir} holds no complete checkpoint")
-        return found[-1][1]
+        if found:
+            return found[-1][1]
+        if resume_from_checkpoint == "auto":
+            return None
+        raise UserError(f"resume_from_checkpoint: latest, but {output_dir} holds no complete checkpoint")
     path = Path(resume_from_checkpoint)
     if not (path / COMPLETE_MARKER).is_file():
         raise UserError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
     return path
 
 
+def check_same_run(checkpoint: Path, config: Config, global_batch: int) -> None:
+    """A checkpoint resumes only the run it came from: same model, data, data order and global batch."""
+    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+    current = config.to_flat_dict()
+    problems = [
+        f"{key}: checkpoint has {saved.get(key)!r}, this run has {current[key]!r}"
+        for key in RUN_IDENTITY_KEYS
+        if saved.get(key) != current[key]
+    ]
+    state = TrainerState.read(checkpoint)
+    if state.global_batch_size != global_batch:
+        problems.append(f"global batch: checkpoint has {state.global_batch_size}, this run has {global_batch}")
+    if problems:
+        raise UserError(f"{checkpoint} belongs to a different run: " + "; ".join(problems))
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, state: TrainerState, save_total_limit: int | None
+    accelerator: Accelerator, output_dir: Path, state: TrainerState, save_total_limit: int | None, config: Config
 ) -> Path:
     """Save model, optimizer, scheduler, RNG and trainer state as output_dir/checkpoint-<step>; all ranks call it."""
     final = output_dir / f"checkpoint-{state.step}"
@@ -90,6 +128,7 @@ def save_checkpoint(
     accelerator.save_state(str(staging))
     if accelerator.is_main_process:
         state.write(staging)
+        (staging / CONFIG_FILE).write_text(config.to_yaml())
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the checkpoint is declared complete
     if accelerator.is_main_process:
         (staging / COMPLETE_MARKER).write_text("")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from llmhalluc.config import Config
+from llmhalluc.config import Config, TrainingConfig
 from llmhalluc.errors import UserError
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -25,9 +27,10 @@ def build_accelerator(config: Config) -> Accelerator:
     if on_cpu and world_size > 1:
         # Without this, accelerate on a CUDA-less host silently runs N independent single-process jobs.
         kwargs_handlers = [InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)]
-    mixed_precision = None
-    if config.model.bf16 is not None:
-        mixed_precision = "bf16" if config.model.bf16 else "no"
+    bf16 = config.model.bf16
+    if bf16 is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    mixed_precision = "bf16" if bf16 else "no"
     accelerator = Accelerator(
         cpu=on_cpu and world_size > 1 and not use_deepspeed,
         mixed_precision=mixed_precision,
@@ -59,6 +62,21 @@ def quiet_other_ranks(accelerator: Accelerator) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+@contextmanager
+def data_preparation_turns(accelerator: Accelerator) -> Iterator[None]:
+    """Rank 0 prepares data first (filling a cache other machines may share), then the first rank of every other
+    machine (filling its local cache), then all the rest, who find the cache ready. Every rank passes 2 barriers."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    if not accelerator.is_local_main_process:
+        accelerator.wait_for_everyone()
+    yield
+    if accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        accelerator.wait_for_everyone()
+
+
 def deepspeed_config_of(accelerator: Accelerator) -> dict[str, Any] | None:
     """The DeepSpeed config dict accelerate will hand to deepspeed.initialize, or None without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -67,16 +85,22 @@ def deepspeed_config_of(accelerator: Accelerator) -> dict[str, Any] | None:
 
 
 def reconcile_deepspeed_config(accelerator: Accelerator, config: Config) -> None:
-    """Fill the json's "auto" values from the experiment; a hard-coded value that disagrees is an error."""
-    ds_config = deepspeed_config_of(accelerator)
-    training = config.training
+    """Fill the DeepSpeed json's "auto" values from the experiment, in the dict accelerate hands to DeepSpeed."""
     source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    resolve_deepspeed_config(deepspeed_config_of(accelerator), config.training, accelerator.num_processes, source)
+
+
+def resolve_deepspeed_config(
+    ds_config: dict[str, Any], training: TrainingConfig, num_processes: int, source: str
+) -> None:
+    """Set every "auto" value the experiment decides (batch, accumulation, clipping, the json's own optimizer);
+    a hard-coded value that disagrees is an error naming both."""
     wanted = {
         "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", training.per_device_train_batch_size),
         "gradient_accumulation_steps": ("gradient_accumulation_steps", training.gradient_accumulation_steps),
         "train_batch_size": (
             "per_device_train_batch_size x gradient_accumulation_steps x processes",
-            training.per_device_train_batch_size * training.gradient_accumulation_steps * accelerator.num_processes,
+            training.per_device_train_batch_size * training.gradient_accumulation_steps * num_processes,
         ),
         # One source of truth for clipping: DeepSpeed clips, with the experiment's max_grad_norm.
         "gradient_clipping": ("max_grad_norm", training.max_grad_norm),

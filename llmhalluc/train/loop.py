@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,23 @@ from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import prepare_dataset
 from llmhalluc.errors import UserError
 from llmhalluc.models.loading import load_model, load_tokenizer
-from llmhalluc.train.checkpoint import TrainerState, checkpoint_steps, resolve_resume, save_checkpoint
-from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks, zero_stage
+from llmhalluc.train.checkpoint import (
+    TrainerState,
+    check_same_run,
+    checkpoint_steps,
+    resolve_resume,
+    save_checkpoint,
+)
+from llmhalluc.train.dist import (
+    build_accelerator,
+    data_preparation_turns,
+    deepspeed_config_of,
+    quiet_other_ranks,
+    zero_stage,
+)
 from llmhalluc.train.metrics import MetricsLogger, mfu, training_flops
 from llmhalluc.train.optim import build_optimizer
+from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
 
 
 def train(config: Config) -> Path:
@@ -57,12 +72,16 @@ def train(config: Config) -> Path:
     eval_set = None
     if config.data.eval_dataset:
         eval_set, eval_stats = prepare_dataset(
-            config.data.eval_dataset, config.data, tokenizer, training.seed, accelerator.local_main_process_first
+            config.data.eval_dataset,
+            config.data,
+            tokenizer,
+            training.seed,
+            partial(data_preparation_turns, accelerator),
         )
         train_data.summary["eval_data"] = eval_stats.to_dict()
     sampler = train_data.sampler
     total_steps = training.max_steps or math.ceil(training.num_train_epochs * sampler.steps_per_epoch)
-    resume_dir = check_output_dir(output_dir, run.resume_from_checkpoint)
+    resume_dir = check_output_dir(output_dir, run.resume_from_checkpoint, config, sampler.global_batch)
 
     model = load_model(config.model)
     train_data.summary["loaded_sharded"] = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 init
@@ -81,6 +100,7 @@ def train(config: Config) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         print(f"config:\n{config.to_yaml()}\nrun: {json.dumps(summary, indent=1)}", flush=True)
 
     state = TrainerState(
@@ -89,15 +109,11 @@ def train(config: Config) -> Path:
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         state = TrainerState.read(resume_dir)
-        if state.global_batch_size != sampler.global_batch:
-            raise UserError(
-                f"{resume_dir} was trained with a global batch of {state.global_batch_size}, this run "
-                f"has {sampler.global_batch}: resume with the same batch settings"
-            )
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     logger = MetricsLogger(config, output_dir, accelerator.is_main_process, total_steps, state.step, summary)
     windows = accumulation_windows(train_data.loader, sampler, state.step, training.gradient_accumulation_steps)
     meter = WindowMeter(accelerator)
+    watch = PreemptionWatch()
     model.train()
     while state.step < total_steps:
         state.epoch, micro_batches = next(windows)
@@ -108,21 +124,34 @@ def train(config: Config) -> Path:
         state.samples_seen += sampler.global_batch
         meter.add(result, lr=optimizer.param_groups[0]["lr"])
         last = state.step == total_steps
-        if state.step % run.logging_steps == 0 or last:
-            row = meter.row(state.step, state.step / sampler.steps_per_epoch, train_data.flops_model)
-            state.tokens_seen += row["tokens_since_last_row"]
-            state.trained_tokens_seen += row.pop("trained_tokens_since_last_row")
-            row["tokens_seen"] = state.tokens_seen
-            logger.log({k: v for k, v in row.items() if k != "tokens_since_last_row"})
+        saving = run.save_steps is not None and state.step % run.save_steps == 0
+        stopping = watch.agreed(accelerator) and not last
+        # A row at every checkpoint too, so a resumed run's rows cover the same steps as an uninterrupted run's.
+        if state.step % run.logging_steps == 0 or last or saving or stopping:
+            logger.log(meter.row(state, train_data.flops_model))
         if eval_set is not None and ((run.eval_steps and state.step % run.eval_steps == 0) or last):
             logger.log({"step": state.step, **evaluate(model, eval_set, tokenizer, accelerator, config)})
-        if run.save_steps and state.step % run.save_steps == 0:
-            save_checkpoint(accelerator, output_dir, state, run.save_total_limit)
+        if saving or stopping:
+            save_checkpoint(accelerator, output_dir, state, run.save_total_limit, config)
+        if stopping:
+            logger.close()
+            stop_for_preemption(accelerator, output_dir, state, watch)
         logger.advance()
+    watch.restore()
     save_final_model(accelerator, model, tokenizer, output_dir)
     logger.close()
     accelerator.end_training()
     return output_dir
+
+
+def stop_for_preemption(accelerator: Accelerator, output_dir: Path, state: TrainerState, watch: Any) -> None:
+    """Mark the run as preempted (the SLURM script requeues it) and stop every rank."""
+    signal_name = signal.Signals(watch.received).name if watch.received else "a signal on another rank"
+    message = f"stopped by {signal_name} after step {state.step}; checkpoint-{state.step} saved, resume with latest"
+    if accelerator.is_main_process:
+        (output_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": state.step, "signal": signal_name}) + "\n")
+    accelerator.wait_for_everyone()
+    raise Preempted(message)
 
 
 @dataclass
@@ -211,7 +240,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
     """Tokenized training data as padded examples or packed rows, in seeded global batches for this rank."""
     data, training = config.data, config.training
     examples, stats = prepare_dataset(
-        data.dataset, data, tokenizer, training.seed, accelerator.local_main_process_first
+        data.dataset, data, tokenizer, training.seed, partial(data_preparation_turns, accelerator)
     )
     lengths = examples["length"]
     examples = examples.select_columns(["input_ids", "labels"])
@@ -278,8 +307,9 @@ class WindowMeter:
         self.results.append(result)
         self.lrs.append(lr)
 
-    def row(self, step: int, epoch: float, flops_model: Any) -> dict[str, Any]:
-        """The metrics row for the steps since the last row; the only host-device sync of the window."""
+    def row(self, state: TrainerState, flops_model: Any) -> dict[str, Any]:
+        """The metrics row for the steps since the last row (the window's only host-device sync); it also
+        advances the token counters of `state`."""
         device = self.accelerator.device
         local = torch.stack(
             [
@@ -291,9 +321,11 @@ class WindowMeter:
         trained = float(sum(r.trained_tokens for r in self.results))
         grad_norms = [float(r.grad_norm) for r in self.results]
         seconds = time.perf_counter() - self.started
+        state.tokens_seen += int(tokens)
+        state.trained_tokens_seen += int(trained)
         row = {
-            "step": step,
-            "epoch": round(epoch, 4),
+            "step": state.step,
+            "epoch": round(state.step / state.steps_per_epoch, 4),
             "loss": ce_sum / trained,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.lrs[-1],
@@ -302,8 +334,7 @@ class WindowMeter:
             "tokens_per_second": tokens / seconds,
             "trained_tokens_per_second": trained / seconds,
             "step_time": seconds / len(self.results),
-            "tokens_since_last_row": int(tokens),
-            "trained_tokens_since_last_row": int(trained),
+            "tokens_seen": state.tokens_seen,
         }
         if torch.cuda.is_available():
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -346,14 +377,20 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
-    """The checkpoint to resume from; an error if output_dir holds another run and no resume was asked for."""
+def check_output_dir(
+    output_dir: Path, resume_from_checkpoint: str | None, config: Config, global_batch: int
+) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to this run; an error if output_dir holds another
+    run and no resume was asked for."""
     if resume_from_checkpoint is None and (checkpoint_steps(output_dir) or (output_dir / "metrics.jsonl").exists()):
         raise UserError(
-            f"output_dir {output_dir} already holds a run: set resume_from_checkpoint: latest to "
+            f"output_dir {output_dir} already holds a run: set resume_from_checkpoint: latest (or auto) to "
             "continue it, or choose another output_dir"
         )
-    return resolve_resume(resume_from_checkpoint, output_dir)
+    resume_dir = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume_dir is not None:
+        check_same_run(resume_dir, config, global_batch)
+    return resume_dir
 
 
 def run_summary(accelerator: Accelerator, config: Config, train_data: TrainData, total_steps: int) -> dict[str, Any]:
