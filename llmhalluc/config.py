@@ -120,6 +120,11 @@ class TrainingConfig:
     )
     warmup_steps: int = option(0, "Optimizer steps of linear warmup.", minimum=0)
     seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0)
+    max_nonfinite_steps: int = option(
+        5,
+        "Stop (exit code 3) after this many optimizer steps in a row skipped for a non-finite loss or gradient.",
+        minimum=1,
+    )
 
 
 @dataclass

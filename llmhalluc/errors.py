@@ -21,3 +21,9 @@ class DataError(UserError):
 
 class TemplateError(UserError):
     """A chat template cannot produce an exact assistant mask for a conversation."""
+
+
+class Diverged(Exception):
+    """Training stopped after too many non-finite steps in a row; exit code 3."""
+
+    exit_code = 3

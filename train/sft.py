@@ -7,7 +7,7 @@ import os
 import sys
 
 from llmhalluc.config import load_config
-from llmhalluc.errors import UserError
+from llmhalluc.errors import Diverged, UserError
 from llmhalluc.train.preemption import Preempted
 
 
@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmhalluc.train.loop import train
 
         train(config)
+    except Diverged as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except Preempted as stop:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"preempted: {stop}", file=sys.stderr, flush=True)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
+import functools
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,12 @@ def build_accelerator(config: Config) -> Accelerator:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     on_cpu = not torch.cuda.is_available()
+    if not on_cpu:
+        check_process_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    if use_deepspeed:
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if ds_file:
+            check_deepspeed_config(read_deepspeed_json(ds_file), ds_file)
     kwargs_handlers = [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]
     if on_cpu and world_size > 1:
         # Without this, accelerate on a CUDA-less host silently runs N independent single-process jobs.
@@ -48,6 +59,81 @@ def build_accelerator(config: Config) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         reconcile_deepspeed_config(accelerator, config)
     return accelerator
+
+
+def check_process_count(local_processes: int, devices: int) -> None:
+    """One process per GPU: more processes on a machine than it has GPUs is an error."""
+    if local_processes > devices:
+        raise UserError(
+            f"{local_processes} processes were started on this machine but it has {devices} GPU(s): set "
+            f"num_processes in the accelerate config to at most {devices} per machine"
+        )
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """The DeepSpeed json file, or a UserError naming it and the line of a syntax error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+
+
+@functools.cache
+def deepspeed_config_keys() -> frozenset[str]:
+    """Every top-level key DeepSpeed's config understands: the string constants of its config modules."""
+    import deepspeed
+
+    names = set(EXTRA_DEEPSPEED_KEYS)
+    for path in Path(deepspeed.__file__).parent.rglob("*.py"):
+        if path.name in ("constants.py", "config.py") or path.name.endswith("_config.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                    value = node.value.value
+                    if isinstance(value, str) and value.isidentifier() and value.islower():
+                        names.add(value)
+    return frozenset(names)
+
+
+# Documented top-level sections whose names live outside DeepSpeed's config modules.
+EXTRA_DEEPSPEED_KEYS = (
+    "amp",
+    "elasticity",
+    "compression_training",
+    "sparse_attention",
+    "pipeline",
+    "nebula",
+    "compile",
+    "weight_quantization",
+    "hybrid_engine",
+    "eigenvalue",
+    "sparse_gradients",
+    "quantize_training",
+)
+
+
+def check_deepspeed_config(ds_config: dict[str, Any], source: str) -> None:
+    """Unknown keys and an invalid ZeRO section are errors here, before DeepSpeed would ignore or choke on them."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    known = deepspeed_config_keys()
+    problems = [
+        f"{source}: unknown key {key!r} (closest: {difflib.get_close_matches(key, known, n=1, cutoff=0)[0]!r})"
+        for key in ds_config
+        if key not in known
+    ]
+    zero = ds_config.get("zero_optimization", {})
+    try:
+        # "auto" values are filled later from the model; any number stands in for them here.
+        DeepSpeedZeroConfig(**{k: (1 if v == "auto" else v) for k, v in zero.items()})
+    except ValidationError as err:
+        for error in err.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{source}: zero_optimization.{field}: {error['msg']} (got {error.get('input')!r})")
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def quiet_other_ranks(accelerator: Accelerator) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from llmhalluc.config import Config
@@ -39,7 +39,7 @@ from llmhalluc.data.batching import (
 )
 from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import prepare_dataset
-from llmhalluc.errors import UserError
+from llmhalluc.errors import Diverged, UserError
 from llmhalluc.models.loading import load_model, load_tokenizer
 from llmhalluc.train.checkpoint import (
     TrainerState,
@@ -118,17 +118,26 @@ def train(config: Config) -> Path:
     while state.step < total_steps:
         state.epoch, micro_batches = next(windows)
         result = train_step(model, optimizer, micro_batches, accelerator, training.max_grad_norm)
-        if setup.loop_steps_scheduler:
+        if setup.loop_steps_scheduler and result.applied:
             scheduler.step()
         state.step += 1
+        state.nonfinite_steps = 0 if result.applied else state.nonfinite_steps + 1
+        diverged = state.nonfinite_steps >= training.max_nonfinite_steps
         state.samples_seen += sampler.global_batch
         meter.add(result, lr=optimizer.param_groups[0]["lr"])
         last = state.step == total_steps
         saving = run.save_steps is not None and state.step % run.save_steps == 0
         stopping = watch.agreed(accelerator) and not last
         # A row at every checkpoint too, so a resumed run's rows cover the same steps as an uninterrupted run's.
-        if state.step % run.logging_steps == 0 or last or saving or stopping:
+        if state.step % run.logging_steps == 0 or last or saving or stopping or diverged:
             logger.log(meter.row(state, train_data.flops_model))
+        if diverged:
+            logger.close()
+            raise Diverged(
+                f"{state.nonfinite_steps} optimizer steps in a row had a non-finite loss or gradient norm (up to "
+                f"step {state.step}) and were skipped; stopping. Weights were not updated by them; the newest "
+                f"checkpoint in {output_dir} is intact. Lower learning_rate or check the data and model."
+            )
         if eval_set is not None and ((run.eval_steps and state.step % run.eval_steps == 0) or last):
             logger.log({"step": state.step, **evaluate(model, eval_set, tokenizer, accelerator, config)})
         if saving or stopping:
@@ -163,6 +172,7 @@ class StepResult:
     tokens: int  # this rank's non-pad tokens
     sum_squared_lengths: int  # this rank's sum of example length^2 (attention FLOPs)
     grad_norm: torch.Tensor | float
+    applied: bool  # False when the step was skipped for a non-finite gradient
 
 
 def train_step(
@@ -184,13 +194,20 @@ def train_step(
             ce_sum = cross_entropy_sum(model, micro_batch)
             accelerator.backward(ce_sum * scale)
         ce_total += ce_sum.detach()
-    # Under DeepSpeed the step already ran inside backward and this returns its (pre-clipping) norm.
+    # Under DeepSpeed the step already ran inside backward and this returns its (pre-clipping) norm; DeepSpeed
+    # skips a step with non-finite gradients itself. Otherwise the norm is global (gradients are all-reduced),
+    # so every rank takes the same decision here, before the optimizer step.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    optimizer.step()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        applied = model.was_step_applied()
+    else:
+        applied = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if applied:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(batch_lengths(mb).sum()) for mb in micro_batches)
     squares = sum(int((batch_lengths(mb) ** 2).sum()) for mb in micro_batches)
-    return StepResult(ce_total, global_count, tokens, squares, grad_norm)
+    return StepResult(ce_total, global_count, tokens, squares, grad_norm, applied)
 
 
 def cross_entropy_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -334,6 +351,7 @@ class WindowMeter:
             "tokens_per_second": tokens / seconds,
             "trained_tokens_per_second": trained / seconds,
             "step_time": seconds / len(self.results),
+            "skipped_steps": sum(not r.applied for r in self.results),
             "tokens_seen": state.tokens_seen,
         }
         if torch.cuda.is_available():
