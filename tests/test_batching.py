@@ -43,17 +43,24 @@ def test_padded_collator(examples):
 
 def test_packed_collator_restarts_positions_and_unlabels_first_tokens(examples):
     rows = [examples[:2], examples[2:5]]
-    batch = PackedCollator()(rows)
-    lengths = [len(e["input_ids"]) for e in examples[:5]]
-    assert batch["input_ids"].shape == (1, sum(lengths))
+    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=8)(rows)
+    sizes = [sum(len(e["input_ids"]) for e in row) for row in rows]
+    width = -(-max(sizes) // 8) * 8
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["labels"].shape == (2, width)
     assert "attention_mask" not in batch
-    positions = batch["position_ids"][0].tolist()
-    start = 0
-    for example, n in zip(examples[:5], lengths):
-        assert positions[start : start + n] == list(range(n))
-        assert batch["labels"][0, start].item() == IGNORE_INDEX
-        assert batch["labels"][0, start + 1 : start + n].tolist() == example["labels"][1:]
-        start += n
+    assert batch["lengths"].tolist() == [len(e["input_ids"]) for e in examples[:5]]
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example["input_ids"])
+            assert batch["input_ids"][r, start : start + n].tolist() == example["input_ids"]
+            assert batch["position_ids"][r, start : start + n].tolist() == list(range(n))
+            assert batch["labels"][r, start].item() == IGNORE_INDEX
+            assert batch["labels"][r, start + 1 : start + n].tolist() == example["labels"][1:]
+            start += n
+        # The pad run at the end of a row: its own positions, never trained.
+        assert batch["position_ids"][r, start:].tolist() == list(range(width - start))
+        assert set(batch["labels"][r, start:].tolist()) <= {IGNORE_INDEX}
 
 
 def test_best_fit_decreasing_is_a_valid_tight_packing():
@@ -77,23 +84,24 @@ def test_best_fit_picks_the_tightest_row():
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
-    chosen = examples[:6]
-    packed = PackedCollator()([chosen])
+    rows = [examples[:3], examples[3:7]]
+    packed = PackedCollator(pad_token_id=0)(rows)
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
-        start = 0
-        for example in chosen:
-            n = len(example["input_ids"])
-            alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed_logits.logits[0, start : start + n], alone, atol=1e-5, rtol=1e-5)
-            start += n
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                n = len(example["input_ids"])
+                alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
+                start += n
 
 
 def test_packed_loss_equals_padded_loss(tiny_model_dir, examples):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         padded = cross_entropy_sum(model, PaddedCollator(pad_token_id=0)(examples[:8]))
-        packed = cross_entropy_sum(model, PackedCollator()([examples[:3], examples[3:8]]))
+        packed = cross_entropy_sum(model, PackedCollator(pad_token_id=0)([examples[:3], examples[3:8]]))
         # Reference: the textbook full-logits computation, example by example.
         reference = 0.0
         for example in examples[:8]:
@@ -138,3 +146,19 @@ def test_eval_batches_cover_every_item_once_with_equal_counts_per_rank():
         assert len({len(b) for b in per_rank}) == 1
         flat = [i for batches in per_rank for b in batches for i in b]
         assert sorted(flat) == list(range(num_items))
+
+
+def test_lm_head_on_trained_positions_gives_the_full_logits_loss_and_gradients(tiny_model_dir, examples):
+    batch = PaddedCollator(pad_token_id=0)(examples[:6])
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loss = cross_entropy_sum(ours, batch)
+    loss.backward()
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+    )
+    full.backward()
+    torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-4)
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,8 +1,9 @@
-"""Batches: padded, or packed padding-free (best-fit-decreasing rows, restarting position_ids, no attention_mask).
+"""Batches: padded, or packed (best-fit-decreasing rows, restarting position_ids, no attention_mask).
 
 Labels follow the Hugging Face convention: `labels[t]` is the token at position t and the loss compares position
 t-1's prediction with it. In a packed row the first token of every example is unlabeled, so no example is trained
-to predict the start of the next one.
+to predict the start of the next one. Every batch also carries `lengths`, the real tokens of each example, which
+is metadata for the loop, not a model input.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class PaddedCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Batch tensors input_ids, attention_mask and labels of shape [len(examples), longest]."""
+        """input_ids, attention_mask and labels of shape [len(examples), longest], and lengths."""
         longest = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -40,26 +41,43 @@ class PaddedCollator:
             input_ids[row, :n] = torch.tensor(example["input_ids"])
             labels[row, :n] = torch.tensor(example["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}
 
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Concatenates the examples of one or more packed rows into a single padding-free row [1, total tokens]."""
+    """Stacks packed rows into [rows, longest row]; each example's position_ids restart at 0, so attention stays
+    inside it. A row shorter than the longest is filled with a pad run (its own positions, no labels)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
-        """Batch tensors input_ids, position_ids (restarting at 0 per example) and labels, each [1, total]."""
-        input_ids, position_ids, labels = [], [], []
-        for row in rows:
+        """input_ids, position_ids and labels of shape [len(rows), longest row], and lengths per example."""
+        sizes = [sum(len(e["input_ids"]) for e in row) for row in rows]
+        longest = max(sizes)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        lengths = []
+        for r, row in enumerate(rows):
+            start = 0
             for example in row:
                 n = len(example["input_ids"])
-                input_ids += example["input_ids"]
-                position_ids += range(n)
-                labels += [IGNORE_INDEX, *example["labels"][1:]]
+                input_ids[r, start : start + n] = torch.tensor(example["input_ids"])
+                labels[r, start + 1 : start + n] = torch.tensor(example["labels"][1:])
+                position_ids[r, start : start + n] = torch.arange(n)
+                lengths.append(n)
+                start += n
+            position_ids[r, start:] = torch.arange(longest - start)
         return {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "lengths": torch.tensor(lengths),
         }
 
 

@@ -59,6 +59,8 @@ from llmhalluc.train.metrics import MetricsLogger, mfu, training_flops
 from llmhalluc.train.optim import build_optimizer
 from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # batch keys the model sees; the rest is metadata
+
 
 def train(config: Config) -> Path:
     """Run the experiment described by `config`; returns the output_dir holding the final model."""
@@ -205,8 +207,8 @@ def train_step(
         if applied:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(batch_lengths(mb).sum()) for mb in micro_batches)
-    squares = sum(int((batch_lengths(mb) ** 2).sum()) for mb in micro_batches)
+    tokens = sum(int(mb["lengths"].sum()) for mb in micro_batches)
+    squares = sum(int((mb["lengths"] ** 2).sum()) for mb in micro_batches)
     return StepResult(ce_total, global_count, tokens, squares, grad_norm, applied)
 
 
@@ -215,7 +217,7 @@ def cross_entropy_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     logits = model(**inputs, logits_to_keep=predicts, use_cache=False).logits
     targets = labels[:, 1:][predicts[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -268,7 +270,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
         efficiency = packing_efficiency(lengths, bins, data.max_length)
         summary["packing"] = {"rows": len(bins), "efficiency": round(efficiency, 4)}
         accelerator.print(f"packing: {len(lengths)} examples into {len(bins)} rows, efficiency {efficiency:.1%}")
-        items, collate = PackedRows(examples, bins), PackedCollator()
+        items, collate = PackedRows(examples, bins), PackedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of)
     else:
         items, collate = examples, PaddedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of)
     sampler = GlobalBatchSampler(
@@ -379,15 +381,6 @@ def flops_model_of(model: Any) -> tuple[Any, int, int]:
 
     head = model.get_output_embeddings()
     return model.config, sum(numel(p) for p in model.parameters()), sum(numel(p) for p in head.parameters())
-
-
-def batch_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens of each example in a batch (padded: from attention_mask; packed: from restarting position_ids)."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(dim=1)
-    starts = (batch["position_ids"][0] == 0).nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([batch["position_ids"].shape[1]])])
-    return ends - starts
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

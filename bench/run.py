@@ -1,0 +1,330 @@
+"""Benchmark suite: llmhalluc's loop vs TRL's SFTTrainer on the same model, data and hyperparameters.
+
+    pip install -r bench/requirements.txt -c constraints.txt
+    python bench/run.py                       # everything this machine can run; about 15 minutes on 2 CPU cores
+    python bench/run.py --quick               # the tiny model only, fewer chats
+
+Measures, in one run: training throughput (non-pad tokens/s and trained tokens/s) padded and packed for the tiny
+model and a ~50M-parameter model; data preparation throughput (chats/s) on 10,000 GSM8K-shaped chats; padding
+efficiency (real tokens / computed tokens); and, when a GPU is present, tokens/s/GPU, MFU and peak memory for a
+Llama-3.2-1B-shaped random-init model at seq 2048 packed, bf16, ZeRO-2 and ZeRO-3 (bench/gpu.py).
+Every measurement runs in a fresh process. Results go to bench/results/<date>-<host>.json and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def python(*args: str, env: dict | None = None, timeout: int = 3600) -> dict:
+    """Run `python bench/run.py --worker ...` in a fresh process and return the JSON it prints last."""
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__)), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- workers (each runs in its own process) ---------------------------------------------------------------
+
+
+def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, max_length: int, batch: int) -> dict:
+    """Train one epoch with llmhalluc; throughput from its metrics rows (training steps only, like TRL's)."""
+    from llmhalluc.config import load_config
+    from llmhalluc.train.loop import train
+
+    config = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"model_name_or_path={model_dir}",
+            "dataset=bench",
+            f"dataset_dir={data_dir}",
+            "eval_dataset=[]",
+            "eval_steps=",
+            "save_steps=",
+            f"output_dir={out}",
+            f"max_length={max_length}",
+            f"packing={packing}",
+            f"per_device_train_batch_size={batch}",
+            "num_train_epochs=1",
+            "learning_rate=1e-4",
+            "logging_steps=1",
+            "lr_scheduler_type=constant",
+            "warmup_ratio=0",
+        ],
+    )
+    train(config)
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    seconds = sum(r["step_time"] for r in rows)
+    return {
+        "tokens": sum(r["tokens"] for r in rows),
+        "trained_tokens": sum(r["trained_tokens"] for r in rows),
+        "seconds": seconds,
+        "steps": len(rows),
+        "final_loss": rows[-1]["loss"],
+    }
+
+
+def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max_length: int, batch: int) -> dict:
+    """Train one epoch with TRL's SFTTrainer (assistant-only loss, same template, batch, length, schedule)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in (Path(data_dir) / "bench.jsonl").read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = SFTConfig(
+        output_dir=out,
+        max_length=max_length,
+        packing=packing,
+        assistant_only_loss=True,
+        per_device_train_batch_size=batch,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    tokens = trained = 0
+    for example in trainer.train_dataset:
+        tokens += len(example["input_ids"])
+        trained += sum(example["assistant_masks"][1:]) if "assistant_masks" in example else 0
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "seconds": result.metrics["train_runtime"],
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1],
+    }
+
+
+def worker_prepare_ours(data_dir: str, model_dir: str, workers: int) -> dict:
+    """Seconds for llmhalluc to turn the raw chats into training examples (fresh cache)."""
+    from transformers import AutoTokenizer
+
+    from llmhalluc.config import DataConfig
+    from llmhalluc.data.pipeline import prepare_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = DataConfig(dataset=["bench"], dataset_dir=data_dir, max_length=1024, preprocessing_num_workers=workers)
+    start = time.perf_counter()
+    _, stats = prepare_dataset(["bench"], config, tokenizer)
+    return {"seconds": time.perf_counter() - start, "chats": stats.examples}
+
+
+def worker_prepare_trl(data_dir: str, model_dir: str, workers: int) -> dict:
+    """Seconds for SFTTrainer to prepare the same raw chats (its constructor's dataset preparation)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    start = time.perf_counter()
+    rows = [json.loads(line) for line in (Path(data_dir) / "bench.jsonl").read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_length=1024,
+        assistant_only_loss=True,
+        report_to="none",
+        dataset_num_proc=workers,
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return {"seconds": time.perf_counter() - start, "chats": len(trainer.train_dataset)}
+
+
+# --- the suite ----------------------------------------------------------------------------------------------
+
+
+def write_chats(folder: Path, chats: list[list[dict]]) -> None:
+    """bench.jsonl in openai format plus its dataset_info.json entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    (folder / "dataset_info.json").write_text(
+        json.dumps({"bench": {"file_name": "bench.jsonl", "formatting": "openai"}})
+    )
+
+
+def gsm8k_chats(count: int) -> list[list[dict]]:
+    """GSM8K-shaped chats (question -> worked answer ending in #### N)."""
+    import random
+
+    from bench.prepare_data import gsm8k_sized_row
+
+    rng = random.Random(0)
+    rows = [gsm8k_sized_row(rng) for _ in range(count)]
+    return [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}] for r in rows]
+
+
+def padding_efficiency(data_dir: Path, model_dir: Path, batch: int, max_length: int) -> dict:
+    """Real tokens over computed tokens: padded batches in the sampler's order vs packed rows."""
+    from transformers import AutoTokenizer
+
+    from llmhalluc.config import DataConfig
+    from llmhalluc.data.batching import GlobalBatchSampler, pack_best_fit_decreasing, packing_efficiency
+    from llmhalluc.data.pipeline import prepare_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset, _ = prepare_dataset(
+        ["bench"], DataConfig(dataset=["bench"], dataset_dir=str(data_dir), max_length=max_length), tokenizer
+    )
+    lengths = dataset["length"]
+    sampler = GlobalBatchSampler(len(lengths), batch, 1, 1, 0, seed=42)
+    real = computed = 0
+    for indices in sampler:
+        real += sum(lengths[i] for i in indices)
+        computed += max(lengths[i] for i in indices) * len(indices)
+    bins = pack_best_fit_decreasing(lengths, max_length)
+    return {"padded": real / computed, "packed": packing_efficiency(lengths, bins, max_length)}
+
+
+def main() -> None:
+    """Run the suite, print the table, write bench/results/<date>-<host>.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer chats")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("worker_args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args.worker, args.worker_args)
+
+    from llmhalluc.models.tiny import write_tiny_model
+
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "host": socket.gethostname(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch_threads": os.cpu_count(),
+    }
+    work = Path(tempfile.mkdtemp(prefix="llmhalluc-bench-"))
+    models = {"tiny (3.2M)": write_tiny_model(work / "tiny")}
+    if not args.quick:
+        models["small (~50M)"] = write_tiny_model(work / "small", hidden_size=576, num_layers=12)
+    demo = [json.loads(line)["messages"] for line in (REPO / "data" / "demo_train.jsonl").read_text().splitlines()]
+    write_chats(work / "demo", demo if not args.quick else demo[:240])
+    batch, max_length = 8, 512
+
+    results["padding_efficiency"] = padding_efficiency(work / "demo", models["tiny (3.2M)"], batch, max_length)
+    results["training"] = []
+    for model_name, model_dir in models.items():
+        for packing in (False, True):
+            row = {"model": model_name, "mode": "packed" if packing else "padded"}
+            for who in ("trl", "ours"):
+                out = work / f"run-{who}-{model_dir.name}-{packing}"
+                measured = python(
+                    "--worker",
+                    f"train_{who}",
+                    str(model_dir),
+                    str(work / "demo"),
+                    str(packing),
+                    str(out),
+                    str(max_length),
+                    str(batch),
+                )
+                measured["tokens_per_second"] = measured["tokens"] / measured["seconds"]
+                measured["trained_tokens_per_second"] = measured["trained_tokens"] / measured["seconds"]
+                row[who] = measured
+            row["speedup_trained_tokens"] = (
+                row["ours"]["trained_tokens_per_second"] / row["trl"]["trained_tokens_per_second"]
+            )
+            results["training"].append(row)
+            print(json.dumps(row), flush=True)
+
+    chats = 2_000 if args.quick else 10_000
+    write_chats(work / "gsm8k", gsm8k_chats(chats))
+    preparation = {}
+    for who in ("trl", "ours"):
+        measured = python(
+            "--worker",
+            f"prepare_{who}",
+            str(work / "gsm8k"),
+            str(models["tiny (3.2M)"]),
+            "2",
+            env={"HF_DATASETS_CACHE": str(work / f"cache-{who}")},
+        )
+        measured["chats_per_second"] = measured["chats"] / measured["seconds"]
+        preparation[who] = measured
+    preparation["speedup"] = preparation["ours"]["chats_per_second"] / preparation["trl"]["chats_per_second"]
+    results["data_preparation"] = preparation
+
+    import torch
+
+    if torch.cuda.is_available():
+        results["gpu"] = python("bench/gpu.py") if (REPO / "bench" / "gpu.py").exists() else {}
+    else:
+        results["gpu"] = "not measured: no GPU on this machine"
+    print_table(results)
+    out_dir = REPO / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"{results['date']}-{results['host']}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def run_worker(name: str, worker_args: list[str]) -> None:
+    """Dispatch a worker and print its JSON result."""
+    if name.startswith("train_"):
+        model_dir, data_dir, packing, out, max_length, batch = worker_args
+        function = worker_train_ours if name == "train_ours" else worker_train_trl
+        result = function(model_dir, data_dir, packing == "True", out, int(max_length), int(batch))
+    else:
+        data_dir, model_dir, workers = worker_args
+        function = worker_prepare_ours if name == "prepare_ours" else worker_prepare_trl
+        result = function(data_dir, model_dir, int(workers))
+    print(json.dumps(result))
+
+
+def print_table(results: dict) -> None:
+    """The README table."""
+    print("\n| model | mode | TRL trained tok/s | ours trained tok/s | ratio | TRL tok/s | ours tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in results["training"]:
+        print(
+            f"| {row['model']} | {row['mode']} | {row['trl']['trained_tokens_per_second']:,.0f} | "
+            f"{row['ours']['trained_tokens_per_second']:,.0f} | {row['speedup_trained_tokens']:.2f}x | "
+            f"{row['trl']['tokens_per_second']:,.0f} | {row['ours']['tokens_per_second']:,.0f} |"
+        )
+    prep = results["data_preparation"]
+    print(
+        f"\ndata preparation: TRL {prep['trl']['chats_per_second']:,.0f} chats/s, ours "
+        f"{prep['ours']['chats_per_second']:,.0f} chats/s ({prep['speedup']:.1f}x)"
+    )
+    eff = results["padding_efficiency"]
+    print(f"padding efficiency: padded {eff['padded']:.1%}, packed {eff['packed']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
