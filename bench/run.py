@@ -117,7 +117,7 @@ def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max
     tokens = trained = 0
     for example in trainer.train_dataset:
         tokens += len(example["input_ids"])
-        trained += sum(example["assistant_masks"][1:]) if "assistant_masks" in example else 0
+        trained += sum(label != -100 for label in example["labels"][1:])
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {

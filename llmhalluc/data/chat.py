@@ -22,6 +22,7 @@ import functools
 import re
 from typing import Any
 
+from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -45,17 +46,9 @@ def tokenize_chat(
 ) -> dict[str, list[int]]:
     """Token ids of the rendered chat and labels: the ids on assistant-generated tokens, -100 elsewhere."""
     text, spans = render_with_assistant_spans(tokenizer, messages, last_turn_only=mask_history)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return label_tokens(
-        text,
-        encoding["input_ids"],
-        encoding["offset_mapping"],
-        spans,
-        messages,
-        max_length,
-        train_on_prompt,
-        last_turn_only=mask_history,
-    )
+    # The backend tokenizer gives the same ids as tokenizer(text, add_special_tokens=False), plus char->token maps.
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    return label_tokens(text, encoding, spans, messages, max_length, train_on_prompt, last_turn_only=mask_history)
 
 
 def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -190,33 +183,41 @@ def _stop_candidates(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 def label_tokens(
     text: str,
-    input_ids: list[int],
-    offsets: list[tuple[int, int]],
+    encoding: Encoding,
     spans: list[Span],
     messages: Messages,
     max_length: int | None = None,
     train_on_prompt: bool = False,
     last_turn_only: bool = False,
 ) -> dict[str, list[int]]:
-    """Labels for `input_ids`: trained where a token overlaps an assistant span; then truncation to max_length."""
-    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    """Labels for the encoding's ids: trained where a token overlaps an assistant span; then truncation."""
+    input_ids = encoding.ids
     labels = [IGNORE_INDEX] * len(input_ids)
     trained_texts = []
     for span in spans:
-        trained = [t for t, (start, end) in enumerate(offsets) if start < span[1] and end > span[0]]
-        if not trained:
+        first, stop = _token_range(encoding, span, len(text))
+        if first is None or first >= stop:
             raise TemplateError(f"no token lies in the assistant span {span}")
-        if offsets[trained[-1]][1] != span[1]:
+        if encoding.token_to_chars(stop - 1)[1] != span[1]:
             raise TemplateError(f"a token crosses the end of the assistant span at character {span[1]}")
-        trained_texts.append(text[offsets[trained[0]][0] : span[1]])
-        for t in trained:
-            labels[t] = input_ids[t]
+        trained_texts.append(text[encoding.token_to_chars(first)[0] : span[1]])
+        labels[first:stop] = input_ids[first:stop]
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
     _verify_contents(trained_texts, contents[-1:] if last_turn_only else contents)
     if train_on_prompt:
         labels = list(input_ids)
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": list(input_ids), "labels": labels}
+
+
+def _token_range(encoding: Encoding, span: Span, text_length: int) -> tuple[int | None, int]:
+    """[first, stop): the tokens overlapping the character span (a character split over tokens included)."""
+    first = encoding.char_to_token(span[0])
+    stop = encoding.char_to_token(span[1]) if span[1] < text_length else len(encoding.ids)
+    if stop is None:  # the character after the span belongs to no token (a normalizer dropped it)
+        stop = next((t for t, (start, _) in enumerate(encoding.offsets) if start >= span[1]), len(encoding.ids))
+    return first, stop
 
 
 def _verify_contents(trained_texts: list[str], contents: list[str]) -> None:

@@ -79,10 +79,10 @@ def prepare_dataset(
             stats.dropped.update(part_stats.dropped)
             stats.truncated += part_stats.truncated
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    lengths = np.asarray(dataset["length"], dtype=np.int64)
+    lengths = column(dataset, "length")
     stats.examples = len(dataset)
     stats.tokens = int(lengths.sum())
-    stats.trained_tokens = int(np.asarray(dataset["trained"], dtype=np.int64).sum())
+    stats.trained_tokens = int(column(dataset, "trained").sum())
     stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q, method="lower")) for q in (50, 90, 99)} | {
         "max": int(lengths.max())
     }
@@ -112,14 +112,20 @@ def _prepare_one(
         )
     except (TemplateError, DataError) as err:
         raise DataError(f"dataset {name!r}: {err}") from None
-    reasons = Counter(r for r in processed["drop_reason"] if r)
-    stats = DatasetStats(rows=len(raw), dropped=reasons, truncated=int(sum(processed["truncated"])))
+    drop_reasons = processed.with_format("arrow")["drop_reason"].to_pylist()
+    reasons = Counter(r for r in drop_reasons if r)
+    stats = DatasetStats(rows=len(raw), dropped=reasons, truncated=int(column(processed, "truncated").sum()))
     if reasons.total() == len(raw):
-        first = next(r for r in processed["drop_reason"] if r)
+        first = next(r for r in drop_reasons if r)
         hint = f" ({DROP_HINTS[first]})" if first in DROP_HINTS else ""
         raise DataError(f"dataset {name!r}: every row was dropped; first reason: {first}{hint}")
     kept = processed.filter(lambda reasons: [r is None for r in reasons], input_columns=["drop_reason"], batched=True)
     return kept.remove_columns(["drop_reason", "truncated"]), stats
+
+
+def column(dataset: datasets.Dataset, name: str) -> np.ndarray:
+    """A whole column as a numpy array, read through Arrow (iterating a datasets Column goes row by row)."""
+    return dataset.with_format("arrow")[name].to_numpy()
 
 
 @dataclass(frozen=True)
@@ -166,15 +172,16 @@ def _process_batch(
         chats.append(messages)
         texts.append(text)
         spans.append(row_spans)
-    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # The backend tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False), and
+    # char->token lookups in Rust instead of every offset converted to Python.
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     for i, messages in enumerate(chats):
         ids, labels, truncated = [], [], False
         if messages is not None:
             try:
                 full = label_tokens(
                     texts[i],
-                    encodings["input_ids"][i],
-                    encodings["offset_mapping"][i],
+                    encodings[i],
                     spans[i],
                     messages,
                     None,
@@ -186,13 +193,14 @@ def _process_batch(
             ids, labels = full["input_ids"], full["labels"]
             if settings.max_length is not None and len(ids) > settings.max_length:
                 ids, labels, truncated = ids[: settings.max_length], labels[: settings.max_length], True
-            if all(label == IGNORE_INDEX for label in labels[1:]):
-                out["drop_reason"][i] = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
+        # The first token is never predicted (nothing precedes it), so it never counts as trained.
+        trained = len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0
+        if messages is not None and trained == 0:
+            out["drop_reason"][i] = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
-        # The first token is never predicted (nothing precedes it), so it never counts as trained.
-        out["trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        out["trained"].append(trained)
         out["truncated"].append(truncated)
     return out
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from llmhalluc.config import Config
 from llmhalluc.data.batching import pack_best_fit_decreasing, packing_efficiency
 from llmhalluc.data.chat import IGNORE_INDEX
-from llmhalluc.data.pipeline import prepare_dataset
+from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.models.loading import load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -47,7 +47,7 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
         dataset, stats = prepare_dataset(names, config.data, tokenizer, config.training.seed)
         print(stats.summary(split), file=out)
         if split == "train" and config.data.packing:
-            lengths = dataset["length"]
+            lengths = column(dataset, "length").tolist()
             bins = pack_best_fit_decreasing(lengths, config.data.max_length)
             efficiency = packing_efficiency(lengths, bins, config.data.max_length)
             print(

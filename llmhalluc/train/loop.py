@@ -38,7 +38,7 @@ from llmhalluc.data.batching import (
     packing_efficiency,
 )
 from llmhalluc.data.chat import IGNORE_INDEX
-from llmhalluc.data.pipeline import prepare_dataset
+from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.errors import Diverged, UserError
 from llmhalluc.models.loading import load_model, load_tokenizer
 from llmhalluc.train.checkpoint import (
@@ -261,7 +261,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
     examples, stats = prepare_dataset(
         data.dataset, data, tokenizer, training.seed, partial(data_preparation_turns, accelerator)
     )
-    lengths = examples["length"]
+    lengths = column(examples, "length").tolist()
     examples = examples.select_columns(["input_ids", "labels"])
     summary: dict[str, Any] = {"train_data": stats.to_dict()}
     accelerator.print(stats.summary("train"))
