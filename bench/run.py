@@ -194,7 +194,7 @@ def padding_efficiency(data_dir: Path, model_dir: Path, batch: int, max_length: 
     from transformers import AutoTokenizer
 
     from llmhalluc.config import DataConfig
-    from llmhalluc.data.batching import GlobalBatchSampler, pack_best_fit_decreasing, packing_efficiency
+    from llmhalluc.data.batching import GlobalBatchSampler, pack_rows, packing_efficiency
     from llmhalluc.data.pipeline import prepare_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -207,8 +207,13 @@ def padding_efficiency(data_dir: Path, model_dir: Path, batch: int, max_length: 
     for indices in sampler:
         real += sum(lengths[i] for i in indices)
         computed += max(lengths[i] for i in indices) * len(indices)
-    bins = pack_best_fit_decreasing(lengths, max_length)
-    return {"padded": real / computed, "packed": packing_efficiency(lengths, bins, max_length)}
+    shuffled = pack_rows(lengths, max_length, "shuffled_best_fit", seed=42)
+    decreasing = pack_rows(lengths, max_length, "best_fit_decreasing", seed=42)
+    return {
+        "padded": real / computed,
+        "packed_shuffled_best_fit": packing_efficiency(lengths, shuffled, max_length),
+        "packed_best_fit_decreasing": packing_efficiency(lengths, decreasing, max_length),
+    }
 
 
 def main() -> None:
@@ -237,7 +242,9 @@ def main() -> None:
     write_chats(work / "demo", demo if not args.quick else demo[:240])
     batch, max_length = 8, 512
 
-    results["padding_efficiency"] = padding_efficiency(work / "demo", models["tiny (3.2M)"], batch, max_length)
+    results["padding_efficiency"] = {
+        "demo chats, rows of 512": padding_efficiency(work / "demo", models["tiny (3.2M)"], batch, max_length),
+    }
     results["training"] = []
     for model_name, model_dir in models.items():
         for packing in (False, True):
@@ -265,6 +272,10 @@ def main() -> None:
 
     chats = 2_000 if args.quick else 10_000
     write_chats(work / "gsm8k", gsm8k_chats(chats))
+    for rows in (1024, 2048):
+        results["padding_efficiency"][f"GSM8K-shaped chats, rows of {rows}"] = padding_efficiency(
+            work / "gsm8k", models["tiny (3.2M)"], batch, rows
+        )
     preparation = {}
     for who in ("trl", "ours"):
         measured = python(
@@ -322,8 +333,12 @@ def print_table(results: dict) -> None:
         f"\ndata preparation: TRL {prep['trl']['chats_per_second']:,.0f} chats/s, ours "
         f"{prep['ours']['chats_per_second']:,.0f} chats/s ({prep['speedup']:.1f}x)"
     )
-    eff = results["padding_efficiency"]
-    print(f"padding efficiency: padded {eff['padded']:.1%}, packed {eff['packed']:.1%}")
+    for data, eff in results["padding_efficiency"].items():
+        print(
+            f"padding efficiency, {data}: padded {eff['padded']:.1%}, packed shuffled best fit "
+            f"{eff['packed_shuffled_best_fit']:.1%}, packed best fit decreasing "
+            f"{eff['packed_best_fit_decreasing']:.1%}"
+        )
 
 
 if __name__ == "__main__":

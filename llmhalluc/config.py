@@ -71,6 +71,10 @@ class ModelConfig:
         None, "bf16 mixed precision; null = on for GPUs that support it (Ampere and newer), off on CPU."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    torch_compile: bool = option(False, "Compile the model with torch.compile (inductor, dynamic shapes).")
+    use_liger_kernel: bool = option(
+        False, "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only; pip install liger-kernel)."
+    )
 
 
 @dataclass
@@ -85,7 +89,16 @@ class DataConfig:
     eval_dataset: list[str] = option(help="Evaluation dataset name(s), same format as dataset.", default_factory=list)
     dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.")
     max_length: int = option(2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2)
-    packing: bool = option(False, "Pack examples into rows of max_length (padding-free, restarting position_ids).")
+    packing: bool | None = option(
+        None,
+        "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); null = pack "
+        "when the data are short chats (median length at most max_length / 4).",
+    )
+    packing_strategy: Literal["shuffled_best_fit", "best_fit_decreasing"] = option(
+        "shuffled_best_fit",
+        "How examples are packed: best fit in a seeded random order (rows mix examples of every length), or best "
+        "fit longest-first (about 1% tighter, but each row holds examples of similar length).",
+    )
     pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
     train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.")
     mask_history: bool = option(False, "Train only on the last assistant turn of each chat.")

@@ -16,7 +16,9 @@ from llmhalluc.data.batching import (
     PaddedCollator,
     eval_batches,
     pack_best_fit_decreasing,
+    pack_shuffled_best_fit,
     packing_efficiency,
+    should_pack,
 )
 from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
 from llmhalluc.train.loop import cross_entropy_sum
@@ -74,6 +76,23 @@ def test_best_fit_decreasing_is_a_valid_tight_packing():
     assert efficiency >= 0.97, efficiency
     with pytest.raises(ValueError, match="more than the row capacity"):
         pack_best_fit_decreasing([10, 3000], 2048)
+
+
+def test_shuffled_best_fit_is_tight_deterministic_and_mixes_lengths():
+    rng = random.Random(0)
+    lengths = [max(40, min(2048, int(rng.gauss(200, 70)))) for _ in range(10_000)]
+    bins = pack_shuffled_best_fit(lengths, 2048, seed=3)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
+    assert packing_efficiency(lengths, bins, 2048) >= 0.97
+    assert pack_shuffled_best_fit(lengths, 2048, seed=3) == bins
+    assert pack_shuffled_best_fit(lengths, 2048, seed=4) != bins
+
+    # Longest-first rows hold examples of similar length; shuffled rows hold a mix.
+    def spread(rows):
+        return sum(max(lengths[i] for i in r) - min(lengths[i] for i in r) for r in rows) / len(rows)
+
+    assert spread(bins) > 2 * spread(pack_best_fit_decreasing(lengths, 2048))
 
 
 def test_best_fit_picks_the_tightest_row():
@@ -162,3 +181,10 @@ def test_lm_head_on_trained_positions_gives_the_full_logits_loss_and_gradients(t
     torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-4)
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packing_is_on_by_default_for_short_chats_only():
+    assert should_pack([60, 70, 80], max_length=512, packing=None)
+    assert not should_pack([300, 400, 500], max_length=512, packing=None)
+    assert should_pack([300, 400, 500], max_length=512, packing=True)
+    assert not should_pack([60, 70, 80], max_length=512, packing=False)

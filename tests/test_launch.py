@@ -245,6 +245,7 @@ def test_two_machines_on_loopback_train_like_one_machine_with_two_processes(tmp_
         "dataset=chats",
         f"dataset_dir={data}",
         "eval_dataset=[]",
+        "packing=false",
         "eval_steps=",
         "save_steps=",
         "per_device_train_batch_size=2",

@@ -1,4 +1,4 @@
-"""Batches: padded, or packed (best-fit-decreasing rows, restarting position_ids, no attention_mask).
+"""Batches: padded, or packed (best-fit rows, restarting position_ids, no attention_mask).
 
 Labels follow the Hugging Face convention: `labels[t]` is the token at position t and the loss compares position
 t-1's prediction with it. In a packed row the first token of every example is unlabeled, so no example is trained
@@ -81,11 +81,11 @@ class PackedCollator:
         }
 
 
-def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Groups of example indices, each group's lengths summing to at most `capacity` (best-fit-decreasing)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def pack_best_fit(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> list[list[int]]:
+    """Groups of example indices, each summing to at most `capacity`: every example, taken in `order`, goes into
+    the fullest row it still fits in (best fit), or opens a new row."""
     bins: list[list[int]] = []
-    # (space left, bin number), kept sorted so the tightest bin that fits is found by bisection.
+    # (space left, row number), kept sorted so the tightest row that fits is found by bisection.
     free: list[tuple[int, int]] = []
     for index in order:
         length = lengths[index]
@@ -100,6 +100,32 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list
         bins[number].append(index)
         bisect.insort(free, (space - length, number))
     return bins
+
+
+def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best fit, longest examples first: the tightest packing, but rows end up holding examples of similar length."""
+    return pack_best_fit(lengths, capacity, sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
+
+
+def pack_shuffled_best_fit(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
+    """Best fit in a seeded random order: rows mix lengths (and so kinds) of examples, about 1% less tight."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    return pack_best_fit(lengths, capacity, order)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int, strategy: str, seed: int) -> list[list[int]]:
+    """The packing strategy the config names: "shuffled_best_fit" or "best_fit_decreasing"."""
+    if strategy == "best_fit_decreasing":
+        return pack_best_fit_decreasing(lengths, capacity)
+    return pack_shuffled_best_fit(lengths, capacity, seed)
+
+
+def should_pack(lengths: Sequence[int], max_length: int, packing: bool | None) -> bool:
+    """The packing setting, or with None (auto): pack short chats, those whose median fills a quarter row at most."""
+    if packing is not None:
+        return packing
+    ordered = sorted(lengths)
+    return bool(ordered) and ordered[len(ordered) // 2] * 4 <= max_length
 
 
 def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity: int) -> float:

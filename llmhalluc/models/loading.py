@@ -61,6 +61,19 @@ def load_model(model: ModelConfig) -> PreTrainedModel:
         raise UserError(f"model_name_or_path: cannot load {model.model_name_or_path!r}: "
                         f"{str(err).splitlines()[0]}") from None
     loaded.config.use_cache = False
+    if model.use_liger_kernel:
+        apply_liger_kernels(loaded)
     if model.gradient_checkpointing:
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return loaded
+
+
+def apply_liger_kernels(model: PreTrainedModel) -> None:
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels; the loss stays ours (LM head on trained tokens)."""
+    if not torch.cuda.is_available():
+        raise UserError("use_liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("use_liger_kernel: the liger-kernel package is not installed (pip install liger-kernel)") from None
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)

@@ -24,6 +24,7 @@ RUN_IDENTITY_KEYS = (
     "dataset_dir",
     "max_length",
     "packing",
+    "packing_strategy",
     "train_on_prompt",
     "mask_history",
     "max_samples",

@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    TorchDynamoPlugin,
+)
 
 from llmhalluc.config import Config, TrainingConfig
 from llmhalluc.errors import UserError
@@ -42,8 +47,13 @@ def build_accelerator(config: Config) -> Accelerator:
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     mixed_precision = "bf16" if bf16 else "no"
+    dynamo_plugin = None
+    if config.model.torch_compile:
+        # Dynamic shapes: padded batches and packed rows change length every step.
+        dynamo_plugin = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=use_deepspeed)
     accelerator = Accelerator(
         cpu=on_cpu and world_size > 1 and not use_deepspeed,
+        dynamo_plugin=dynamo_plugin,
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.training.gradient_accumulation_steps, sync_with_dataloader=False

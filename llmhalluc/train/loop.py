@@ -34,8 +34,9 @@ from llmhalluc.data.batching import (
     PackedRows,
     PaddedCollator,
     eval_batches,
-    pack_best_fit_decreasing,
+    pack_rows,
     packing_efficiency,
+    should_pack,
 )
 from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import column, prepare_dataset
@@ -265,10 +266,12 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
     examples = examples.select_columns(["input_ids", "labels"])
     summary: dict[str, Any] = {"train_data": stats.to_dict()}
     accelerator.print(stats.summary("train"))
-    if data.packing:
-        bins = pack_best_fit_decreasing(lengths, data.max_length)
+    packing = should_pack(lengths, data.max_length, data.packing)
+    summary["packing"] = {"enabled": packing, "decided_by": "config" if data.packing is not None else "auto"}
+    if packing:
+        bins = pack_rows(lengths, data.max_length, data.packing_strategy, training.seed)
         efficiency = packing_efficiency(lengths, bins, data.max_length)
-        summary["packing"] = {"rows": len(bins), "efficiency": round(efficiency, 4)}
+        summary["packing"].update(rows=len(bins), efficiency=round(efficiency, 4))
         accelerator.print(f"packing: {len(lengths)} examples into {len(bins)} rows, efficiency {efficiency:.1%}")
         items, collate = PackedRows(examples, bins), PackedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of)
     else:
@@ -283,7 +286,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator)
     )
     if sampler.steps_per_epoch == 0:
         raise UserError(
-            f"the training set has {len(items)} {'rows' if data.packing else 'examples'}, fewer than one "
+            f"the training set has {len(items)} {'packed rows' if packing else 'examples'}, fewer than one "
             f"global batch of {sampler.global_batch}: lower the batch size or add data"
         )
     loader = DataLoader(
@@ -410,9 +413,10 @@ def run_summary(accelerator: Accelerator, config: Config, train_data: TrainData,
     zero = ds_config.get("zero_optimization", {})
     sampler = train_data.sampler
     stats = train_data.summary["train_data"]
+    packing = train_data.summary["packing"]["enabled"]
     tokens_per_item = (
         config.data.max_length * train_data.summary["packing"]["efficiency"]
-        if config.data.packing
+        if packing
         else stats["tokens"] / max(stats["examples"], 1)
     )
     processes_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -424,8 +428,12 @@ def run_summary(accelerator: Accelerator, config: Config, train_data: TrainData,
         "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") if ds_config else "none",
         "offload_param": zero.get("offload_param", {}).get("device", "none") if ds_config else "none",
         "mixed_precision": str(accelerator.mixed_precision),
-        "global_batch_sequences": sampler.global_batch if not config.data.packing else None,
-        "global_batch_packed_rows": sampler.global_batch if config.data.packing else None,
+        "global_batch_sequences": (
+            round(sampler.global_batch * stats["examples"] / train_data.summary["packing"]["rows"])
+            if packing
+            else sampler.global_batch
+        ),
+        "global_batch_packed_rows": sampler.global_batch if packing else None,
         "global_batch_tokens": round(sampler.global_batch * tokens_per_item),
         "steps_per_epoch": sampler.steps_per_epoch,
         "total_steps": total_steps,
