@@ -31,24 +31,33 @@ NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis"
 ITEMS = ["clips", "books", "apples", "stickers", "marbles", "cupcakes", "pages", "shells", "cookies", "pencils"]
 
 
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
+
+
 def gsm8k_sized_row(rng: random.Random) -> dict[str, str]:
-    """A GSM8K-shaped row: a ~240-character question and a ~290-character worked answer ending in #### N."""
-    name, item, other = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(NAMES)
-    a, b, c = rng.randint(10, 90), rng.randint(2, 9), rng.randint(2, 20)
+    """A GSM8K-shaped row: a question and a worked answer of 1 to 7 calculation lines ending in #### N, with
+    lengths spread like GSM8K's (about 240 and 290 characters on average)."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    months = rng.randint(1, 7)
+    counts = [rng.randint(10, 90)]
+    for _ in range(months):
+        counts.append(counts[-1] + rng.randint(2, 20))
     question = (
-        f"{name} sold {item} to {a} of her friends in April, and then she sold {b} times as many {item} in May "
-        f"as she did in April. {other} bought {c} more {item} from her in June than in April. How many {item} "
-        f"did {name} sell altogether in April, May and June?"
+        f"{name} sold {counts[0]} {item} in {MONTHS[0]}. "
+        + "".join(
+            f"In {MONTHS[m]} {name} sold {counts[m] - counts[m - 1]} more {item} than in {MONTHS[m - 1]}. "
+            for m in range(1, months + 1)
+        )
+        + f"How many {item} did {name} sell in {MONTHS[months]}, and altogether?"
     )
-    may, june = a * b, a + c
-    total = a + may + june
-    answer = (
-        f"In May {name} sold {a} * {b} = <<{a}*{b}={may}>>{may} {item}.\n"
-        f"In June {name} sold {a} + {c} = <<{a}+{c}={june}>>{june} {item}.\n"
-        f"Altogether {name} sold {a} + {may} + {june} = <<{a}+{may}+{june}={total}>>{total} {item} "
-        f"in April, May and June.\n#### {total}"
-    )
-    return {"question": question, "answer": answer}
+    lines = [
+        f"In {MONTHS[m]} {name} sold {counts[m - 1]} + {counts[m] - counts[m - 1]} = "
+        f"<<{counts[m - 1]}+{counts[m] - counts[m - 1]}={counts[m]}>>{counts[m]} {item}."
+        for m in range(1, months + 1)
+    ]
+    total = sum(counts)
+    lines.append(f"Altogether {name} sold {' + '.join(map(str, counts))} = <<{total}>>{total} {item}.")
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {total}"}
 
 
 def write_dataset(folder: Path, chats: int, seed: int = 0) -> None:

@@ -294,7 +294,7 @@ def main() -> None:
     import torch
 
     if torch.cuda.is_available():
-        results["gpu"] = python("bench/gpu.py") if (REPO / "bench" / "gpu.py").exists() else {}
+        results["gpu"] = gpu_suite(work)
     else:
         results["gpu"] = "not measured: no GPU on this machine"
     print_table(results)
@@ -303,6 +303,87 @@ def main() -> None:
     path = out_dir / f"{results['date']}-{results['host']}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def llama_1b_shaped(folder: Path) -> Path:
+    """A random-init model with Llama-3.2-1B's shape (no download), with the tiny tokenizer and its template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmhalluc.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer("chatml")
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def gpu_suite(work: Path) -> dict:
+    """tokens/s/GPU, MFU and peak memory of the 1B shape at seq 2048 packed, bf16, with ZeRO-2 and ZeRO-3."""
+    import importlib.util
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    model_dir = llama_1b_shaped(work / "llama-1b-shape")
+    attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    results = {"gpus": gpus, "device": torch.cuda.get_device_name(), "attention": attention}
+    for stage in ("zero2", "zero3"):
+        out = work / f"gpu-{stage}"
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / f"{stage}.yaml"),
+            "--num_processes",
+            str(gpus),
+            str(REPO / "train" / "sft.py"),
+            "configs/demo.yaml",
+            f"model_name_or_path={model_dir}",
+            "dataset=bench",
+            f"dataset_dir={work / 'gsm8k'}",
+            "eval_dataset=[]",
+            "eval_steps=",
+            "save_steps=",
+            f"output_dir={out}",
+            "max_length=2048",
+            "packing=true",
+            "per_device_train_batch_size=4",
+            "max_steps=40",
+            "logging_steps=5",
+            "bf16=true",
+            f"attn_implementation={attention}",
+            "learning_rate=1e-5",
+        ]
+        subprocess.run(command, cwd=REPO, check=True, timeout=3000)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][2:]  # warm-up
+        seconds = sum(r["step_time"] * 5 for r in rows)
+        results[stage] = {
+            "tokens_per_second_per_gpu": sum(r["tokens"] for r in rows) / seconds / gpus,
+            "trained_tokens_per_second_per_gpu": sum(r["trained_tokens"] for r in rows) / seconds / gpus,
+            "mfu": sum(r["mfu"] for r in rows) / len(rows),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in rows),
+        }
+    results["zero3_vs_zero2"] = (
+        results["zero3"]["tokens_per_second_per_gpu"] / results["zero2"]["tokens_per_second_per_gpu"]
+    )
+    return results
 
 
 def run_worker(name: str, worker_args: list[str]) -> None:

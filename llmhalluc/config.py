@@ -94,10 +94,10 @@ class DataConfig:
         "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); null = pack "
         "when the data are short chats (median length at most max_length / 4).",
     )
-    packing_strategy: Literal["shuffled_best_fit", "best_fit_decreasing"] = option(
-        "shuffled_best_fit",
-        "How examples are packed: best fit in a seeded random order (rows mix examples of every length), or best "
-        "fit longest-first (about 1% tighter, but each row holds examples of similar length).",
+    packing_strategy: Literal["best_fit_decreasing", "shuffled_best_fit"] = option(
+        "best_fit_decreasing",
+        "How rows are filled: best fit longest-first (tightest, 98-99% on GSM8K-shaped chats, but a row holds "
+        "examples of similar length), or best fit in a seeded random order (rows mix lengths; 2-4% looser).",
     )
     pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
     train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.")
