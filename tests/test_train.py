@@ -89,6 +89,7 @@ SPLITS = {
     "ddp-mbs4": ("cpu_ddp.yaml", ["per_device_train_batch_size=4"]),
     "zero2-mbs2-ga2": ("cpu_zero2.yaml", ["per_device_train_batch_size=2", "gradient_accumulation_steps=2"]),
     "zero3-mbs1-ga4": ("cpu_zero3.yaml", ["per_device_train_batch_size=1", "gradient_accumulation_steps=4"]),
+    "zero3-offload-mbs4": ("cpu_zero3_offload.yaml", ["per_device_train_batch_size=4"]),
 }
 
 
@@ -145,6 +146,15 @@ def test_deepspeed_got_the_experiments_numbers_and_zero3_loaded_sharded(split_ru
     assert given["gradient_clipping"] == 1.0
     assert given["zero_optimization"]["stage"] == 3
     assert zero3["loaded_sharded"] is True
+    offload = json.loads((split_runs["zero3-offload-mbs4"] / "run_summary.json").read_text())
+    assert offload["offload_optimizer"] == offload["offload_param"] == "cpu"
+    assert offload["deepspeed_config"]["optimizer"]["params"] == {
+        "lr": 1e-3,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+    }
+    assert offload["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 4
     zero2 = json.loads((split_runs["zero2-mbs2-ga2"] / "run_summary.json").read_text())
     assert zero2["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 2
     assert zero2["loaded_sharded"] is False
@@ -331,4 +341,24 @@ def test_deepspeed_json_value_that_contradicts_the_experiment_is_rejected(tmp_pa
     assert "train_micro_batch_size_per_gpu is 4 but the experiment's per_device_train_batch_size is 2" in (
         result.stderr
     )
+    assert not out.exists()
+
+
+def test_torch_compile_trains_the_same_numbers_and_saves_a_plain_model(tmp_path, eight, split_runs):
+    out = tmp_path / "compiled"
+    run_sft([*eight["base"], "per_device_train_batch_size=8", "torch_compile=true", f"output_dir={out}"])
+    (row,) = [r for r in read_metrics(out) if "loss" in r]
+    assert row["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(eight["grad_norm"], rel=1e-4)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = load_file(split_runs["1proc-mbs8"] / "model.safetensors")
+    compiled = load_file(out / "model.safetensors")
+    assert max((compiled[k] - reference[k]).abs().max().item() for k in reference) < 5e-5
+
+
+def test_liger_kernels_are_refused_clearly_without_cuda(tmp_path, eight):
+    out = tmp_path / "out"
+    result = run_sft([*eight["base"], "use_liger_kernel=true", f"output_dir={out}"], expect_code=2)
+    assert "use_liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU" in result.stderr
     assert not out.exists()

@@ -448,7 +448,9 @@ def save_final_model(accelerator: Accelerator, model: Any, tokenizer: Any, outpu
     """Full weights (gathered from ZeRO-3 shards on every rank), config, generation config and tokenizer."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        # torch.compile's wrapper prefixes every key; the saved model must load into the plain architecture.
+        state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
