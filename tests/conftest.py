@@ -46,6 +46,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def sft_command(args: list[str], accelerate_config: str | None = None) -> list[str]:
+    """The command line of train/sft.py, under `accelerate launch` (on a free port) when a config is named."""
+    if accelerate_config is None:
+        return [sys.executable, str(REPO / "train" / "sft.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / accelerate_config),
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "train" / "sft.py"),
+        *args,
+    ]
+
+
 def run_sft(
     args: list[str],
     accelerate_config: str | None = None,
@@ -55,20 +72,7 @@ def run_sft(
 ) -> subprocess.CompletedProcess:
     """Run train/sft.py (under `accelerate launch` when a config is named); on an unexpected exit code, fail
     showing every rank's output, so a flaky launch is diagnosable."""
-    if accelerate_config is None:
-        command = [sys.executable, str(REPO / "train" / "sft.py"), *args]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / accelerate_config),
-            "--main_process_port",
-            str(free_port()),
-            str(REPO / "train" / "sft.py"),
-            *args,
-        ]
+    command = sft_command(args, accelerate_config)
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )

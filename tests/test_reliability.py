@@ -9,14 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import REPO, free_port, read_metrics, run_sft, write_chats
+from conftest import REPO, read_metrics, run_sft, sft_command, write_chats
 from safetensors.torch import load_file
 
 from llmhalluc.errors import UserError
@@ -56,25 +55,9 @@ def chats_dir(tmp_path_factory) -> Path:
     return write_chats(tmp_path_factory.mktemp("data"), "chats", demo_chats(48))
 
 
-def command(args: list[str], launch: str | None) -> list[str]:
-    if launch is None:
-        return [sys.executable, str(REPO / "train" / "sft.py"), *args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / launch),
-        "--main_process_port",
-        str(free_port()),
-        str(REPO / "train" / "sft.py"),
-        *args,
-    ]
-
-
 def start(args: list[str], launch: str | None, log: Path) -> subprocess.Popen:
     with log.open("w") as sink:
-        return subprocess.Popen(command(args, launch), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen(sft_command(args, launch), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
 
 
 def workers(process: subprocess.Popen) -> list[psutil.Process]:
@@ -319,7 +302,7 @@ def test_one_failing_rank_ends_every_rank_without_a_hang(tmp_path, tiny_model_di
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}"}
     started = time.time()
     result = subprocess.run(
-        command([*base_args(tiny_model_dir, chats_dir), f"output_dir={tmp_path / 'out'}"], "cpu_zero3.yaml"),
+        sft_command([*base_args(tiny_model_dir, chats_dir), f"output_dir={tmp_path / 'out'}"], "cpu_zero3.yaml"),
         cwd=REPO,
         env=env,
         capture_output=True,

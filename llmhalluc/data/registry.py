@@ -210,12 +210,12 @@ def _load_local(spec: DatasetSpec) -> datasets.Dataset:
             f"found {sorted(suffixes)}"
         )
     builder = FILE_BUILDERS[files[0].suffix]
-    if builder == "json":
-        for file in files:
-            check_json_file(file)
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as err:
+        if builder == "json":  # datasets' error does not say where; parse again only now, to name file and line
+            for file in files:
+                check_json_file(file)
         raise DataError(f"dataset {spec.name!r}: cannot read {path}: {err}") from None
 
 

@@ -104,29 +104,20 @@ def _start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) 
     id_file = output_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
-    settings = wandb.Settings(init_timeout=60, silent=True)
+    init = {
+        "project": config.run.wandb_project,
+        "name": config.run.run_name or output_dir.name,
+        "id": run_id,
+        "resume": "allow",
+        "dir": str(output_dir),
+        "config": {**config.to_flat_dict(), **run_summary},
+        "settings": wandb.Settings(init_timeout=60, silent=True),
+    }
     try:
-        return wandb.init(
-            project=config.run.wandb_project,
-            name=config.run.run_name or output_dir.name,
-            id=run_id,
-            resume="allow",
-            dir=str(output_dir),
-            config={**config.to_flat_dict(), **run_summary},
-            settings=settings,
-        )
+        return wandb.init(**init)
     except Exception as err:  # no network or no login: keep training, keep the run on disk
         print(f"warning: wandb could not start online ({err}); logging offline to {output_dir}/wandb", flush=True)
-        return wandb.init(
-            project=config.run.wandb_project,
-            name=config.run.run_name or output_dir.name,
-            id=run_id,
-            resume="allow",
-            dir=str(output_dir),
-            mode="offline",
-            config={**config.to_flat_dict(), **run_summary},
-            settings=settings,
-        )
+        return wandb.init(**init, mode="offline")
 
 
 def peak_flops_per_device() -> float | None:
