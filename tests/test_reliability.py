@@ -60,11 +60,19 @@ def start(args: list[str], launch: str | None, log: Path) -> subprocess.Popen:
         return subprocess.Popen(sft_command(args, launch), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
 
 
+def command_line(process: psutil.Process) -> str:
+    """A process's command line, or "" for one that has exited (zombie children of DeepSpeed's probes, e.g.)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
+        return ""
+
+
 def workers(process: subprocess.Popen) -> list[psutil.Process]:
     """The training processes: the launched python itself, or the launcher's children running sft.py."""
     root = psutil.Process(process.pid)
-    found = [p for p in [root, *root.children(recursive=True)] if "train/sft.py" in " ".join(p.cmdline())]
-    return [p for p in found if "accelerate" not in " ".join(p.cmdline())]
+    lines = {p: command_line(p) for p in [root, *root.children(recursive=True)]}
+    return [p for p, line in lines.items() if "train/sft.py" in line and "accelerate" not in line]
 
 
 def kill_everything(process: subprocess.Popen) -> None:
