@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from llmhalluc.data.batching import (
     should_pack,
 )
 from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
-from llmhalluc.train.loop import cross_entropy_sum
+from llmhalluc.models.attention import PACKED_SDPA, use_packed_sdpa
+from llmhalluc.train.loop import cross_entropy_sum, model_inputs
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -63,6 +65,17 @@ def test_packed_collator_restarts_positions_and_unlabels_first_tokens(examples):
         # The pad run at the end of a row: its own positions, never trained.
         assert batch["position_ids"][r, start:].tolist() == list(range(width - start))
         assert set(batch["labels"][r, start:].tolist()) <= {IGNORE_INDEX}
+    # Segment boundaries over the flattened rows: every example, then each row's pad run.
+    expected, segments = [0], []
+    for r, row in enumerate(rows):
+        for example in row:
+            expected.append(expected[-1] + len(example["input_ids"]))
+            segments.append(len(example["input_ids"]))
+        if expected[-1] < (r + 1) * width:
+            segments.append((r + 1) * width - expected[-1])
+            expected.append((r + 1) * width)
+    assert batch["cu_seq_lens"].tolist() == expected and batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["max_seq_len"] == max(segments)
 
 
 def test_best_fit_decreasing_is_a_valid_tight_packing():
@@ -100,13 +113,22 @@ def test_best_fit_picks_the_tightest_row():
     assert pack_best_fit_decreasing([4, 6, 5, 5], 10) == [[1, 0], [2, 3]]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def load_with_attention(model_dir: Path, attention: str) -> Any:
+    """The tiny model with sdpa, eager, or llmhalluc's per-segment sdpa for packed rows."""
+    if attention != PACKED_SDPA:
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    use_packed_sdpa(model)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    model = load_with_attention(tiny_model_dir, attention).eval()
     rows = [examples[:3], examples[3:7]]
-    packed = PackedCollator(pad_token_id=0)(rows)
+    packed = PackedCollator(pad_token_id=0, pad_to_multiple_of=64)(rows)  # pad runs are segments too
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        logits = model(**model_inputs(packed), use_cache=False).logits
         for r, row in enumerate(rows):
             start = 0
             for example in row:
@@ -129,6 +151,26 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, examples):
             reference += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-6)
     assert padded.item() == pytest.approx(reference, rel=1e-5)
+
+
+def test_packed_sdpa_gradients_equal_padded_gradients(tiny_model_dir, examples):
+    # GQA (4 query heads on 2 key/value heads), pad runs, several rows: the training path on CPU.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    packed_model = load_with_attention(tiny_model_dir, PACKED_SDPA)
+    assert packed_model.config.num_key_value_heads < packed_model.config.num_attention_heads
+    padded = cross_entropy_sum(reference, PaddedCollator(pad_token_id=0)(examples[:8]))
+    packed = cross_entropy_sum(
+        packed_model, PackedCollator(pad_token_id=0, pad_to_multiple_of=64)([examples[:3], examples[3:8]])
+    )
+    padded.backward()
+    packed.backward()
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-6)
+    for (name, a), b in zip(reference.named_parameters(), packed_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # Padded batches (eval) through the packed model are plain sdpa.
+    with torch.no_grad():
+        batch = PaddedCollator(pad_token_id=0)(examples[8:12])
+        assert cross_entropy_sum(packed_model, batch).item() == cross_entropy_sum(reference, batch).item()
 
 
 def global_batches(num_items, per_device, accumulation, processes, epoch=0):

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
 from llmhalluc.data.templates import read_builtin_template
+from llmhalluc.models.attention import PACKED_SDPA
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -112,6 +113,7 @@ def test_one_step_matches_the_reference_at_every_split(eight, split_runs, name):
     assert summary["processes"] == (1 if SPLITS[name][0] is None else 2)
     expected_type = {None: "NO", "cpu_ddp.yaml": "MULTI_CPU"}.get(SPLITS[name][0], "DEEPSPEED")
     assert summary["distributed_type"] == expected_type
+    assert summary["attention"] == (PACKED_SDPA if "packed" in name else "sdpa")  # per-segment on CPU
 
 
 def test_eval_loss_is_token_weighted_across_ranks(split_runs, tiny_model_dir):

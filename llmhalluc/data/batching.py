@@ -9,6 +9,7 @@ is metadata for the loop, not a model input.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,13 +49,16 @@ class PaddedCollator:
 @dataclass(frozen=True)
 class PackedCollator:
     """Stacks packed rows into [rows, longest row]; each example's position_ids restart at 0, so attention stays
-    inside it. A row shorter than the longest is filled with a pad run (its own positions, no labels)."""
+    inside it. A row shorter than the longest is filled with a pad run (its own positions, no labels).
+    `cu_seq_lens` (segment boundaries over the flattened rows, the pad runs being segments too) and `max_seq_len`
+    are the flash-attention varlen arguments for the same layout."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
-        """input_ids, position_ids and labels of shape [len(rows), longest row], and lengths per example."""
+        """input_ids, position_ids and labels of shape [len(rows), longest row], lengths per example, and the
+        segment boundaries."""
         sizes = [sum(len(e["input_ids"]) for e in row) for row in rows]
         longest = max(sizes)
         if self.pad_to_multiple_of:
@@ -62,7 +66,7 @@ class PackedCollator:
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        lengths = []
+        lengths, boundaries = [], [0]
         for r, row in enumerate(rows):
             start = 0
             for example in row:
@@ -72,12 +76,17 @@ class PackedCollator:
                 position_ids[r, start : start + n] = torch.arange(n)
                 lengths.append(n)
                 start += n
+                boundaries.append(r * longest + start)
             position_ids[r, start:] = torch.arange(longest - start)
+            if start < longest:
+                boundaries.append((r + 1) * longest)
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "labels": labels,
             "lengths": torch.tensor(lengths),
+            "cu_seq_lens": torch.tensor(boundaries, dtype=torch.int32),
+            "max_seq_len": max(end - begin for begin, end in itertools.pairwise(boundaries)),
         }
 
 

@@ -41,6 +41,7 @@ from llmhalluc.data.batching import (
 from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.errors import Diverged, UserError
+from llmhalluc.models.attention import use_packed_sdpa
 from llmhalluc.models.loading import load_model, load_tokenizer
 from llmhalluc.train.checkpoint import (
     TrainerState,
@@ -87,6 +88,9 @@ def train(config: Config) -> Path:
     resume_dir = check_output_dir(output_dir, run.resume_from_checkpoint, config, sampler.global_batch)
 
     model = load_model(config.model)
+    if packed_sdpa_pays(config, train_data, accelerator):
+        use_packed_sdpa(model)
+    train_data.summary["attention"] = model.config._attn_implementation
     train_data.summary["loaded_sharded"] = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 init
     if torch.cuda.is_available():
         train_data.flops_model = flops_model_of(model)
@@ -218,10 +222,18 @@ def cross_entropy_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    logits = model(**inputs, logits_to_keep=predicts, use_cache=False).logits
+    logits = model(**model_inputs(batch), logits_to_keep=predicts, use_cache=False).logits
     targets = labels[:, 1:][predicts[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's arguments for a batch: ids, mask or positions, and for packed rows the segment boundaries."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if "cu_seq_lens" in batch:  # flash-attention's varlen arguments; packed_sdpa_attention reads them too
+        bounds, longest = batch["cu_seq_lens"], batch["max_seq_len"]
+        inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+    return inputs
 
 
 @torch.no_grad()
@@ -386,9 +398,18 @@ def flops_model_of(model: Any) -> tuple[Any, int, int]:
     return model.config, sum(numel(p) for p in model.parameters()), sum(numel(p) for p in head.parameters())
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move every tensor of a batch to the device (non-blocking from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to the device (non-blocking from pinned memory); plain ints stay."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def packed_sdpa_pays(config: Config, train_data: TrainData, accelerator: Accelerator) -> bool:
+    """Per-example sdpa for packed rows: on CPU it beats sdpa's block-diagonal mask over the whole row (measured
+    2.6x on the attention); on GPU sdpa keeps the mask, and flash_attention_2/3 do varlen attention themselves.
+    Not under torch_compile: a segment loop that changes every step would recompile every step."""
+    packing = train_data.summary["packing"]["enabled"]
+    plain_sdpa = config.model.attn_implementation == "sdpa" and not config.model.torch_compile
+    return packing and plain_sdpa and accelerator.device.type == "cpu"
 
 
 def check_output_dir(
