@@ -85,24 +85,38 @@ def render_with_assistant_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Messages, last_turn_only: bool = False
 ) -> tuple[str, list[Span]]:
     """The rendered chat and the character spans the assistant generates (only its last turn's if asked)."""
+    return render_chats_with_assistant_spans(tokenizer, [messages], last_turn_only)[0]
+
+
+def render_chats_with_assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, chats: list[Messages], last_turn_only: bool = False
+) -> list[tuple[str, list[Span]]]:
+    """render_with_assistant_spans for many chats: one template call for all when the template has markers."""
     template = chat_template_of(tokenizer)
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not has_generation_markers(template):
-        text = render(tokenizer, messages)
-        turns = assistant_turns[-1:] if last_turn_only else assistant_turns
-        return text, [_locate_turn(tokenizer, messages, text, i) for i in turns]
+        results = []
+        for messages in chats:
+            text = render(tokenizer, messages)
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            turns = turns[-1:] if last_turn_only else turns
+            results.append((text, [_locate_turn(tokenizer, messages, text, i) for i in turns]))
+        return results
     rendered, indices = render_jinja_template(
-        conversations=[messages],
+        conversations=chats,
         chat_template=template,
         return_assistant_tokens_mask=True,
         **tokenizer.special_tokens_map,
     )
-    text, spans = rendered[0], [tuple(span) for span in indices[0] if span[1] > span[0]]
-    if last_turn_only:
-        # A template may mark several blocks per turn; the last turn's are those after its generation prompt.
-        last_prompt = _prompt_before(tokenizer, messages, text, assistant_turns[-1])
-        spans = [span for span in spans if span[1] > len(last_prompt)]
-    return text, spans
+    results = []
+    for messages, text, marked in zip(chats, rendered, indices):
+        spans = [tuple(span) for span in marked if span[1] > span[0]]
+        if last_turn_only:
+            # A template may mark several blocks per turn; the last turn's are those after its generation prompt.
+            last_turn = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            last_prompt = _prompt_before(tokenizer, messages, text, last_turn)
+            spans = [span for span in spans if span[1] > len(last_prompt)]
+        results.append((text, spans))
+    return results
 
 
 def _prompt_before(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, turn: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -12,11 +13,20 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import DataConfig
 from llmhalluc.data import chat, converters
-from llmhalluc.data.chat import IGNORE_INDEX, chat_template_of, label_tokens, render_with_assistant_spans
+from llmhalluc.data.chat import (
+    IGNORE_INDEX,
+    Messages,
+    Span,
+    chat_template_of,
+    label_tokens,
+    render_chats_with_assistant_spans,
+    render_with_assistant_spans,
+)
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
 from llmhalluc.data.registry import DatasetSpec, check_columns, load_raw_dataset, resolve_dataset
 from llmhalluc.errors import DataError, TemplateError
@@ -119,8 +129,11 @@ def _prepare_one(
         first = next(r for r in drop_reasons if r)
         hint = f" ({DROP_HINTS[first]})" if first in DROP_HINTS else ""
         raise DataError(f"dataset {name!r}: every row was dropped; first reason: {first}{hint}")
-    kept = processed.filter(lambda reasons: [r is None for r in reasons], input_columns=["drop_reason"], batched=True)
-    return kept.remove_columns(["drop_reason", "truncated"]), stats
+    if reasons:
+        processed = processed.filter(
+            lambda reasons: [r is None for r in reasons], input_columns=["drop_reason"], batched=True
+        )
+    return processed.remove_columns(["drop_reason", "truncated"]), stats
 
 
 def column(dataset: datasets.Dataset, name: str) -> np.ndarray:
@@ -137,6 +150,36 @@ class TokenizeSettings:
     mask_history: bool
 
 
+OUTPUT_SCHEMA = pa.schema(
+    {
+        "input_ids": pa.list_(pa.int32()),
+        "labels": pa.list_(pa.int32()),
+        "length": pa.int32(),
+        "trained": pa.int32(),
+        "drop_reason": pa.string(),
+        "truncated": pa.bool_(),
+    }
+)
+
+
+def _render_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: list[tuple[int, Messages]], last_turn_only: bool
+) -> list[tuple[str, list[Span]]]:
+    """Text and assistant spans of (row index, chat) pairs in one template call; an error names its row."""
+    try:
+        return render_chats_with_assistant_spans(tokenizer, [messages for _, messages in rows], last_turn_only)
+    except Exception:
+        pass  # rendered again one by one below, to name the row
+    for index, messages in rows:
+        try:
+            render_with_assistant_spans(tokenizer, messages, last_turn_only)
+        except TemplateError as err:
+            raise TemplateError(f"row {index}: {err}") from None
+        except Exception as err:  # the template's own raise_exception, e.g. roles that must alternate
+            raise TemplateError(f"row {index}: the chat template failed: {err}") from None
+    raise AssertionError("a batch failed to render but every row rendered alone")
+
+
 def _process_batch(
     batch: dict[str, list],
     indices: list[int],
@@ -144,34 +187,21 @@ def _process_batch(
     options: ConvertOptions,
     tokenizer: PreTrainedTokenizerBase,
     settings: TokenizeSettings,
-) -> dict[str, list]:
+) -> pa.Table:
     """Convert and tokenize a batch of raw rows; rows that cannot be used get a drop_reason instead."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out: dict[str, list] = {
-        "input_ids": [],
-        "labels": [],
-        "length": [],
-        "trained": [],
-        "drop_reason": [],
-        "truncated": [],
-    }
-    chats, texts, spans = [], [], []
-    for row, index in zip(rows, indices):
+    out: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    chats: list[Any] = []
+    for row in rows:
         try:
-            messages = to_chat(row, spec, options)
-            text, row_spans = render_with_assistant_spans(tokenizer, messages, settings.mask_history)
-        except DropRow as drop:
-            messages, text, row_spans = None, "", []
-            out["drop_reason"].append(drop.reason)
-        except TemplateError as err:
-            raise TemplateError(f"row {index}: {err}") from None
-        except Exception as err:  # the template's own raise_exception, e.g. roles that must alternate
-            raise TemplateError(f"row {index}: the chat template failed: {err}") from None
-        else:
+            chats.append(to_chat(row, spec, options))
             out["drop_reason"].append(None)
-        chats.append(messages)
-        texts.append(text)
-        spans.append(row_spans)
+        except DropRow as drop:
+            chats.append(None)
+            out["drop_reason"].append(drop.reason)
+    kept = [(index, messages) for index, messages in zip(indices, chats) if messages is not None]
+    rendered = iter(_render_rows(tokenizer, kept, settings.mask_history))
+    texts, spans = zip(*[next(rendered) if messages is not None else ("", []) for messages in chats])
     # The backend tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False), and
     # char->token lookups in Rust instead of every offset converted to Python.
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -202,7 +232,23 @@ def _process_batch(
         out["length"].append(len(ids))
         out["trained"].append(trained)
         out["truncated"].append(truncated)
-    return out
+    # Typed Arrow columns: datasets' own conversion of nested Python lists (type inference and checks per
+    # value) cost more than tokenizing; token ids fit int32 and halve the cache.
+    columns = {
+        name: _int32_lists(values)
+        if name in ("input_ids", "labels")
+        else pa.array(values, OUTPUT_SCHEMA.field(name).type)
+        for name, values in out.items()
+    }
+    return pa.table(columns, schema=OUTPUT_SCHEMA)
+
+
+def _int32_lists(lists: list[list[int]]) -> pa.ListArray:
+    """Arrow list<int32> through one flat numpy buffer: 5x faster than pa.array on the nested lists."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum([len(values) for values in lists], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -227,5 +273,6 @@ def fingerprint(
         digest.update(part.encode())
     for module in (chat, converters):
         digest.update(inspect.getsource(module).encode())
-    digest.update(inspect.getsource(_process_batch).encode())
+    for function in (_process_batch, _render_rows, _int32_lists):
+        digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:32]
