@@ -409,6 +409,11 @@ def print_table(results: dict) -> None:
             f"{row['ours']['trained_tokens_per_second']:,.0f} | {row['speedup_trained_tokens']:.2f}x | "
             f"{row['trl']['tokens_per_second']:,.0f} | {row['ours']['tokens_per_second']:,.0f} |"
         )
+    for model in dict.fromkeys(row["model"] for row in results["training"]):
+        rows = [row for row in results["training"] if row["model"] == model]
+        best = {who: max(rows, key=lambda r: r[who]["trained_tokens_per_second"]) for who in ("trl", "ours")}
+        ratio = best["ours"]["ours"]["trained_tokens_per_second"] / best["trl"]["trl"]["trained_tokens_per_second"]
+        print(f"{model}: fastest vs fastest (ours {best['ours']['mode']}, TRL {best['trl']['mode']}): {ratio:.2f}x")
     prep = results["data_preparation"]
     print(
         f"\ndata preparation: TRL {prep['trl']['chats_per_second']:,.0f} chats/s, ours "
