@@ -344,46 +344,71 @@ def gpu_suite(work: Path) -> dict:
     attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     results = {"gpus": gpus, "device": torch.cuda.get_device_name(), "attention": attention}
     for stage in ("zero2", "zero3"):
-        out = work / f"gpu-{stage}"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / f"{stage}.yaml"),
-            "--num_processes",
-            str(gpus),
-            str(REPO / "train" / "sft.py"),
-            "configs/demo.yaml",
-            f"model_name_or_path={model_dir}",
-            "dataset=bench",
-            f"dataset_dir={work / 'gsm8k'}",
-            "eval_dataset=[]",
-            "eval_steps=",
-            "save_steps=",
-            f"output_dir={out}",
-            "max_length=2048",
-            "packing=true",
-            "per_device_train_batch_size=4",
-            "max_steps=40",
-            "logging_steps=5",
-            "bf16=true",
-            f"attn_implementation={attention}",
-            "learning_rate=1e-5",
-        ]
-        subprocess.run(command, cwd=REPO, check=True, timeout=3000)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][2:]  # warm-up
-        seconds = sum(r["step_time"] * 5 for r in rows)
-        results[stage] = {
-            "tokens_per_second_per_gpu": sum(r["tokens"] for r in rows) / seconds / gpus,
-            "trained_tokens_per_second_per_gpu": sum(r["trained_tokens"] for r in rows) / seconds / gpus,
-            "mfu": sum(r["mfu"] for r in rows) / len(rows),
-            "peak_memory_gb": max(r["peak_memory_gb"] for r in rows),
-        }
+        results[stage] = launch_throughput(
+            model_dir,
+            work / "gsm8k",
+            work / f"gpu-{stage}",
+            f"{stage}.yaml",
+            gpus,
+            [
+                "max_length=2048",
+                "per_device_train_batch_size=4",
+                "max_steps=40",
+                "logging_steps=5",
+                "bf16=true",
+                f"attn_implementation={attention}",
+            ],
+        )
     results["zero3_vs_zero2"] = (
         results["zero3"]["tokens_per_second_per_gpu"] / results["zero2"]["tokens_per_second_per_gpu"]
     )
     return results
+
+
+def launch_throughput(
+    model_dir: Path, data_dir: Path, out: Path, accelerate_config: str, processes: int, overrides: list[str]
+) -> dict:
+    """Train packed with `accelerate launch`; per-process throughput (all tokens and trained tokens), mean MFU and
+    peak memory (GPU only) over the metrics rows after the first two (warm-up)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / accelerate_config),
+        "--num_processes",
+        str(processes),
+        str(REPO / "train" / "sft.py"),
+        "configs/demo.yaml",
+        f"model_name_or_path={model_dir}",
+        "dataset=bench",
+        f"dataset_dir={data_dir}",
+        "eval_dataset=[]",
+        "eval_steps=",
+        "save_steps=",
+        f"output_dir={out}",
+        "packing=true",
+        "learning_rate=1e-5",
+        *overrides,
+    ]
+    subprocess.run(command, cwd=REPO, check=True, timeout=3000)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    window_steps = [r["step"] - before for r, before in zip(rows, [0] + [r["step"] for r in rows])]
+    measured = list(zip(rows, window_steps))[2:]
+    if not measured:
+        raise RuntimeError(f"{out}: fewer than 3 metrics rows; raise max_steps")
+    rows = [r for r, _ in measured]
+    seconds = sum(r["step_time"] * steps for r, steps in measured)  # step_time is per step of the row's window
+    mfus = [r["mfu"] for r in rows if "mfu" in r]
+    memory = [r["peak_memory_gb"] for r in rows if "peak_memory_gb" in r]
+    return {
+        "tokens_per_second_per_gpu": sum(r["tokens"] for r in rows) / seconds / processes,
+        "trained_tokens_per_second_per_gpu": sum(r["trained_tokens"] for r in rows) / seconds / processes,
+        "mfu": sum(mfus) / len(mfus) if mfus else None,
+        "peak_memory_gb": max(memory) if memory else None,
+        "steps": sum(steps for _, steps in measured),
+    }
 
 
 def run_worker(name: str, worker_args: list[str]) -> None:
