@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from llmhalluc.data.batching import (
     GlobalBatchSampler,
@@ -171,6 +171,35 @@ def test_packed_sdpa_gradients_equal_padded_gradients(tiny_model_dir, examples):
     with torch.no_grad():
         batch = PaddedCollator(pad_token_id=0)(examples[8:12])
         assert cross_entropy_sum(packed_model, batch).item() == cross_entropy_sum(reference, batch).item()
+
+
+def test_packed_sdpa_keeps_a_sliding_window(tokenizer, examples):
+    # Mistral-style layers attend to the last 8 tokens only: per-segment causal sdpa would see more, so those
+    # layers fall back to transformers' sliding-window mask over the packed row.
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    use_packed_sdpa(model)
+    rows = [examples[:3], examples[3:7]]
+    packed = PackedCollator(pad_token_id=0, pad_to_multiple_of=64)(rows)
+    with torch.no_grad():
+        logits = model(**model_inputs(packed), use_cache=False).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                n = len(example["input_ids"])
+                alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
+                start += n
 
 
 def global_batches(num_items, per_device, accumulation, processes, epoch=0):

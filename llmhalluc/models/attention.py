@@ -32,8 +32,9 @@ def packed_sdpa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa per segment of a packed batch ([batch, heads, length, dim] in, [batch, length, heads, dim]
-    out); without segment boundaries (padded batches, eval) it is transformers' sdpa."""
-    if cu_seq_lens_q is None:
+    out); without segment boundaries (padded batches, eval), or in a sliding-window layer, it is transformers' sdpa
+    under the mask transformers built."""
+    if cu_seq_lens_q is None or kwargs.get("sliding_window"):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
