@@ -200,8 +200,9 @@ def _process_batch(
             chats.append(None)
             out["drop_reason"].append(drop.reason)
     kept = [(index, messages) for index, messages in zip(indices, chats) if messages is not None]
-    rendered = iter(_render_rows(tokenizer, kept, settings.mask_history))
-    texts, spans = zip(*[next(rendered) if messages is not None else ("", []) for messages in chats])
+    rendered = iter(_render_rows(tokenizer, kept, settings.mask_history) if kept else [])
+    pairs = [next(rendered) if messages is not None else ("", []) for messages in chats]
+    texts, spans = [text for text, _ in pairs], [row_spans for _, row_spans in pairs]
     # The backend tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False), and
     # char->token lookups in Rust instead of every offset converted to Python.
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
