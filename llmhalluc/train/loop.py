@@ -156,6 +156,9 @@ def train(config: Config) -> Path:
     watch.restore()
     save_final_model(accelerator, model, tokenizer, output_dir)
     logger.close()
+    # The DeepSpeed engine is torn down while the process group still exists: left to the garbage collector at
+    # interpreter exit, its cleanup can run after the group is gone (DeepSpeed's own order: engine, then group).
+    accelerator.free_memory()
     accelerator.end_training()
     return output_dir
 
