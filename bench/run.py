@@ -47,6 +47,19 @@ def python(*args: str, env: dict | None = None, timeout: int = 3600) -> dict:
 # --- workers (each runs in its own process) ---------------------------------------------------------------
 
 
+def bench_run_overrides(model_dir: str | Path, data_dir: str | Path, out: str | Path) -> list[str]:
+    """configs/demo.yaml pointed at a model, the `bench` dataset in data_dir and out: no eval, no checkpoints."""
+    return [
+        f"model_name_or_path={model_dir}",
+        "dataset=bench",
+        f"dataset_dir={data_dir}",
+        "eval_dataset=[]",
+        "eval_steps=",
+        "save_steps=",
+        f"output_dir={out}",
+    ]
+
+
 def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, max_length: int, batch: int) -> dict:
     """Train one epoch with llmhalluc; throughput from its metrics rows (training steps only, like TRL's)."""
     from llmhalluc.config import load_config
@@ -55,13 +68,7 @@ def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, ma
     config = load_config(
         REPO / "configs" / "demo.yaml",
         [
-            f"model_name_or_path={model_dir}",
-            "dataset=bench",
-            f"dataset_dir={data_dir}",
-            "eval_dataset=[]",
-            "eval_steps=",
-            "save_steps=",
-            f"output_dir={out}",
+            *bench_run_overrides(model_dir, data_dir, out),
             f"max_length={max_length}",
             f"packing={packing}",
             f"per_device_train_batch_size={batch}",
@@ -380,13 +387,7 @@ def launch_throughput(
         str(processes),
         str(REPO / "train" / "sft.py"),
         "configs/demo.yaml",
-        f"model_name_or_path={model_dir}",
-        "dataset=bench",
-        f"dataset_dir={data_dir}",
-        "eval_dataset=[]",
-        "eval_steps=",
-        "save_steps=",
-        f"output_dir={out}",
+        *bench_run_overrides(model_dir, data_dir, out),
         "packing=true",
         "learning_rate=1e-5",
         *overrides,

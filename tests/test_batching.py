@@ -122,10 +122,8 @@ def load_with_attention(model_dir: Path, attention: str) -> Any:
     return model
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
-def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention):
-    model = load_with_attention(tiny_model_dir, attention).eval()
-    rows = [examples[:3], examples[3:7]]
+def assert_packed_logits_equal_unpacked(model: Any, rows: list[list[dict]]) -> None:
+    """Each example's logits inside packed rows (pad runs included) equal its logits run alone."""
     packed = PackedCollator(pad_token_id=0, pad_to_multiple_of=64)(rows)  # pad runs are segments too
     with torch.no_grad():
         logits = model(**model_inputs(packed), use_cache=False).logits
@@ -136,6 +134,12 @@ def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention
                 alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
                 torch.testing.assert_close(logits[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
                 start += n
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
+def test_packed_logits_equal_unpacked_logits(tiny_model_dir, examples, attention):
+    model = load_with_attention(tiny_model_dir, attention).eval()
+    assert_packed_logits_equal_unpacked(model, [examples[:3], examples[3:7]])
 
 
 def test_packed_loss_equals_padded_loss(tiny_model_dir, examples):
@@ -189,17 +193,7 @@ def test_packed_sdpa_keeps_a_sliding_window(tokenizer, examples):
     model = MistralForCausalLM(config).eval()
     model.set_attn_implementation("sdpa")
     use_packed_sdpa(model)
-    rows = [examples[:3], examples[3:7]]
-    packed = PackedCollator(pad_token_id=0, pad_to_multiple_of=64)(rows)
-    with torch.no_grad():
-        logits = model(**model_inputs(packed), use_cache=False).logits
-        for r, row in enumerate(rows):
-            start = 0
-            for example in row:
-                n = len(example["input_ids"])
-                alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-                torch.testing.assert_close(logits[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
-                start += n
+    assert_packed_logits_equal_unpacked(model, [examples[:3], examples[3:7]])
 
 
 def global_batches(num_items, per_device, accumulation, processes, epoch=0):
