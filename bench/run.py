@@ -4,10 +4,12 @@
     python bench/run.py                       # everything this machine can run; about 15 minutes on 2 CPU cores
     python bench/run.py --quick               # the tiny model only, fewer chats
 
-Measures, in one run: training throughput (non-pad tokens/s and trained tokens/s) padded and packed for the tiny
-model and a ~50M-parameter model; data preparation throughput (chats/s) on 10,000 GSM8K-shaped chats; padding
-efficiency (real tokens / computed tokens); and, when a GPU is present, tokens/s/GPU, MFU and peak memory for a
-Llama-3.2-1B-shaped random-init model at seq 2048 packed, bf16, ZeRO-2 and ZeRO-3 (bench/gpu.py).
+Measures, in one run: training throughput (non-pad tokens/s and trained tokens/s) for the tiny model and a
+~50M-parameter model in three comparisons: padded vs TRL padded, the defaults (our padding-free batches of sequences
+vs TRL's padded ones: what a user who changes nothing gets), and packed vs TRL packed; data preparation throughput
+(chats/s) on 10,000 GSM8K-shaped chats; padding efficiency (real tokens / computed tokens); and, when a GPU is
+present, tokens/s/GPU, MFU and peak memory for a Llama-3.2-1B-shaped random-init model at seq 2048 packed, bf16,
+ZeRO-2 and ZeRO-3 (gpu_suite below).
 Every measurement runs in a fresh process. Results go to bench/results/<date>-<host>.json and a table is printed.
 """
 
@@ -60,8 +62,9 @@ def bench_run_overrides(model_dir: str | Path, data_dir: str | Path, out: str | 
     ]
 
 
-def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, max_length: int, batch: int) -> dict:
-    """Train one epoch with llmhalluc; throughput from its metrics rows (training steps only, like TRL's)."""
+def worker_train_ours(model_dir: str, data_dir: str, layout: str, out: str, max_length: int, batch: int) -> dict:
+    """Train one epoch with llmhalluc in a batch layout (padded, padding_free, packed); throughput from its metrics
+    rows (training steps only, like TRL's)."""
     from llmhalluc.config import load_config
     from llmhalluc.train.loop import train
 
@@ -70,7 +73,8 @@ def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, ma
         [
             *bench_run_overrides(model_dir, data_dir, out),
             f"max_length={max_length}",
-            f"packing={packing}",
+            f"packing={layout == 'packed'}",
+            f"padding_free={layout == 'padding_free'}",
             f"per_device_train_batch_size={batch}",
             "num_train_epochs=1",
             "learning_rate=1e-4",
@@ -92,8 +96,9 @@ def worker_train_ours(model_dir: str, data_dir: str, packing: bool, out: str, ma
     }
 
 
-def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max_length: int, batch: int) -> dict:
-    """Train one epoch with TRL's SFTTrainer (assistant-only loss, same template, batch, length, schedule)."""
+def worker_train_trl(model_dir: str, data_dir: str, layout: str, out: str, max_length: int, batch: int) -> dict:
+    """Train one epoch with TRL's SFTTrainer (assistant-only loss, same template, batch, length, schedule), padded
+    or packed."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -102,10 +107,11 @@ def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max
     dataset = datasets.Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    on_gpu = os.environ.get("LLMHALLUC_BENCH_DEVICE") == "cuda"  # the GPU check's TRL comparison
     args = SFTConfig(
         output_dir=out,
         max_length=max_length,
-        packing=packing,
+        packing=layout == "packed",
         assistant_only_loss=True,
         per_device_train_batch_size=batch,
         num_train_epochs=1,
@@ -116,8 +122,9 @@ def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max
         report_to="none",
         seed=42,
         dataloader_num_workers=0,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        max_steps=int(os.environ.get("LLMHALLUC_BENCH_MAX_STEPS", "-1")),
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -127,9 +134,11 @@ def worker_train_trl(model_dir: str, data_dir: str, packing: bool, out: str, max
         trained += sum(label != -100 for label in example["labels"][1:])
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # With max_steps, the share of the (packed) rows it trained on, at the average tokens per row.
+    share = min(1.0, trainer.state.global_step * batch / len(trainer.train_dataset))
     return {
-        "tokens": tokens,
-        "trained_tokens": trained,
+        "tokens": tokens * share,
+        "trained_tokens": trained * share,
         "seconds": result.metrics["train_runtime"],
         "steps": trainer.state.global_step,
         "final_loss": losses[-1],
@@ -253,17 +262,27 @@ def main() -> None:
         "demo chats, rows of 512": padding_efficiency(work / "demo", models["tiny (3.2M)"], batch, max_length),
     }
     results["training"] = []
+    # (comparison, our layout, TRL's layout): TRL's default is padded batches of sequences, ours padding-free ones.
+    comparisons = [
+        ("padded", "padded", "padded"),
+        ("default", "padding_free", "padded"),
+        ("packed", "packed", "packed"),
+    ]
     for model_name, model_dir in models.items():
-        for packing in (False, True):
-            row = {"model": model_name, "mode": "packed" if packing else "padded"}
-            for who in ("trl", "ours"):
-                out = work / f"run-{who}-{model_dir.name}-{packing}"
+        measured_trl: dict[str, dict] = {}
+        for mode, ours, trl in comparisons:
+            row = {"model": model_name, "mode": mode, "ours_layout": ours, "trl_layout": trl}
+            for who, layout in (("trl", trl), ("ours", ours)):
+                if who == "trl" and layout in measured_trl:  # TRL padded serves two comparisons
+                    row[who] = measured_trl[layout]
+                    continue
+                out = work / f"run-{who}-{model_dir.name}-{layout}"
                 measured = python(
                     "--worker",
                     f"train_{who}",
                     str(model_dir),
                     str(work / "demo"),
-                    str(packing),
+                    layout,
                     str(out),
                     str(max_length),
                     str(batch),
@@ -271,6 +290,8 @@ def main() -> None:
                 measured["tokens_per_second"] = measured["tokens"] / measured["seconds"]
                 measured["trained_tokens_per_second"] = measured["trained_tokens"] / measured["seconds"]
                 row[who] = measured
+                if who == "trl":
+                    measured_trl[layout] = measured
             row["speedup_trained_tokens"] = (
                 row["ours"]["trained_tokens_per_second"] / row["trl"]["trained_tokens_per_second"]
             )
@@ -415,9 +436,9 @@ def launch_throughput(
 def run_worker(name: str, worker_args: list[str]) -> None:
     """Dispatch a worker and print its JSON result."""
     if name.startswith("train_"):
-        model_dir, data_dir, packing, out, max_length, batch = worker_args
+        model_dir, data_dir, layout, out, max_length, batch = worker_args
         function = worker_train_ours if name == "train_ours" else worker_train_trl
-        result = function(model_dir, data_dir, packing == "True", out, int(max_length), int(batch))
+        result = function(model_dir, data_dir, layout, out, int(max_length), int(batch))
     else:
         data_dir, model_dir, workers = worker_args
         function = worker_prepare_ours if name == "prepare_ours" else worker_prepare_trl
@@ -427,11 +448,12 @@ def run_worker(name: str, worker_args: list[str]) -> None:
 
 def print_table(results: dict) -> None:
     """The README table."""
-    print("\n| model | mode | TRL trained tok/s | ours trained tok/s | ratio | TRL tok/s | ours tok/s |")
+    print("\n| model | ours vs TRL | TRL trained tok/s | ours trained tok/s | ratio | TRL tok/s | ours tok/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in results["training"]:
         print(
-            f"| {row['model']} | {row['mode']} | {row['trl']['trained_tokens_per_second']:,.0f} | "
+            f"| {row['model']} | {row['ours_layout']} vs {row['trl_layout']} | "
+            f"{row['trl']['trained_tokens_per_second']:,.0f} | "
             f"{row['ours']['trained_tokens_per_second']:,.0f} | {row['speedup_trained_tokens']:.2f}x | "
             f"{row['trl']['tokens_per_second']:,.0f} | {row['ours']['tokens_per_second']:,.0f} |"
         )
@@ -439,7 +461,10 @@ def print_table(results: dict) -> None:
         rows = [row for row in results["training"] if row["model"] == model]
         best = {who: max(rows, key=lambda r: r[who]["trained_tokens_per_second"]) for who in ("trl", "ours")}
         ratio = best["ours"]["ours"]["trained_tokens_per_second"] / best["trl"]["trl"]["trained_tokens_per_second"]
-        print(f"{model}: fastest vs fastest (ours {best['ours']['mode']}, TRL {best['trl']['mode']}): {ratio:.2f}x")
+        print(
+            f"{model}: fastest vs fastest (ours {best['ours']['ours_layout']}, TRL {best['trl']['trl_layout']}): "
+            f"{ratio:.2f}x"
+        )
     prep = results["data_preparation"]
     print(
         f"\ndata preparation: TRL {prep['trl']['chats_per_second']:,.0f} chats/s, ours "

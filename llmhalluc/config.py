@@ -64,8 +64,9 @@ class ModelConfig:
         "or a path to a .jinja file.",
     )
     trust_remote_code: bool = option(False, "Run modelling code shipped with the checkpoint (logged loudly).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = option(
-        "sdpa", "Attention kernel passed to transformers."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = option(
+        None,
+        "Attention kernel passed to transformers; null = flash_attention_3 or _2 on a GPU when installed, else sdpa.",
     )
     bf16: bool | None = option(
         None, "bf16 mixed precision; null = on for GPUs that support it (Ampere and newer), off on CPU."
@@ -89,15 +90,21 @@ class DataConfig:
     eval_dataset: list[str] = option(help="Evaluation dataset name(s), same format as dataset.", default_factory=list)
     dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.")
     max_length: int = option(2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2)
-    packing: bool | None = option(
-        None,
-        "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); null = pack "
-        "when the data are short chats (median length at most max_length / 4).",
+    packing: bool = option(
+        False,
+        "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); the batch size "
+        "then counts rows, not sequences.",
     )
     packing_strategy: Literal["best_fit_decreasing", "shuffled_best_fit"] = option(
         "best_fit_decreasing",
-        "How rows are filled: best fit longest-first (tightest, 98-99% on GSM8K-shaped chats, but a row holds "
+        "How packed rows are filled: best fit longest-first (tightest, 98-99% on GSM8K-shaped chats, but a row holds "
         "examples of similar length), or best fit in a seeded random order (rows mix lengths; 2-4% looser).",
+    )
+    padding_free: bool | None = option(
+        None,
+        "Concatenate each micro-batch's sequences without padding (restarting position_ids, per-example attention) "
+        "instead of padding them; null = where it is exact and fast: flash_attention_2/3 on GPU, sdpa on CPU. "
+        "Changes speed only, never the examples in a step or the numbers.",
     )
     pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
     train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.")
@@ -106,8 +113,27 @@ class DataConfig:
     abstention_answer: str = option(
         "I don't know.", "Assistant answer for unanswerable questions (squad_v2 converter)."
     )
+    backtrack_token: str | None = option(
+        None, "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing."
+    )
+    mask_backtracked: bool = option(
+        False, "Masked SFT: the k tokens before each run of k backtrack tokens are input, never targets."
+    )
+    backtrack_position_ids: bool = option(
+        False, "Position ids follow the text after deletions: a backtrack token rewinds the position."
+    )
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
+        "concat",
+        "How several training datasets mix: concatenated, or sampled with interleave_probs until the first "
+        "dataset is exhausted (under) or until every dataset is (over, repeating the smaller ones).",
+    )
+    interleave_probs: list[float] | None = option(
+        None, "Share of each training dataset in the mix (one per dataset, summing to 1) for interleave_*."
+    )
     preprocessing_num_workers: int | None = option(None, "Processes for tokenization (datasets.map).", minimum=1)
-    dataloader_num_workers: int = option(0, "DataLoader worker processes per rank.", minimum=0)
+    dataloader_num_workers: int | None = option(
+        None, "DataLoader worker processes per rank; null = 2 on GPU (collation overlaps compute), 0 on CPU.", minimum=0
+    )
 
 
 @dataclass
@@ -133,6 +159,12 @@ class TrainingConfig:
     )
     warmup_steps: int = option(0, "Optimizer steps of linear warmup.", minimum=0)
     seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0)
+    loss_chunk_tokens: int | None = option(
+        None,
+        "Trained positions per chunk of the LM head and cross-entropy; null = as many as keep a chunk's fp32 logits "
+        "at 1 GiB (2,048 for a 128k vocabulary).",
+        minimum=1,
+    )
     max_nonfinite_steps: int = option(
         5,
         "Stop (exit code 3) after this many optimizer steps in a row skipped for a non-finite loss or gradient.",
@@ -259,6 +291,21 @@ def _cross_checks(config: Config) -> list[str]:
     for beta in ("adam_beta1", "adam_beta2"):
         if getattr(training, beta) >= 1.0:
             problems.append(f"{beta} must be below 1, got {getattr(training, beta)}")
+    if (data.mask_backtracked or data.backtrack_position_ids) and not data.backtrack_token:
+        wanted = "mask_backtracked" if data.mask_backtracked else "backtrack_position_ids"
+        problems.append(f"{wanted} needs backtrack_token (the token that deletes the one before it)")
+    if data.interleave_probs is not None:
+        probs = data.interleave_probs
+        if data.mix_strategy == "concat":
+            problems.append(
+                "interleave_probs is set but mix_strategy is concat: use interleave_under or interleave_over"
+            )
+        if len(probs) != len(data.dataset):
+            problems.append(
+                f"interleave_probs has {len(probs)} values for {len(data.dataset)} datasets ({', '.join(data.dataset)})"
+            )
+        if any(p <= 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+            problems.append(f"interleave_probs must be positive and sum to 1, got {probs} (sum {sum(probs):.6g})")
     for reporter in run.report_to:
         if reporter not in REPORTERS:
             problems.append(f"report_to: unknown tracker {reporter!r}; choose from {', '.join(REPORTERS)}")
@@ -290,6 +337,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, annotation: Any) -> Any:
         if value not in args:
             raise ValueError(f"{key}: {value!r} is not one of {', '.join(args)}")
         return value
+    if origin is list and args == (float,):
+        return _coerce_number_list(key, value)
     if origin is list:
         return _coerce_name_list(key, value)
     if annotation is bool:
@@ -330,6 +379,14 @@ def _check_minimum(key: str, value: float, f: dataclasses.Field) -> None:
         raise ValueError(f"{key}: must be greater than {minimum}, got {value}")
     if value < minimum:
         raise ValueError(f"{key}: must be at least {minimum}, got {value}")
+
+
+def _coerce_number_list(key: str, value: Any) -> list[float]:
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{key}: expected a list of numbers, got {value!r}")
+    return [_as_float(key, v) for v in value]
 
 
 def _coerce_name_list(key: str, value: Any) -> list[str]:
@@ -387,7 +444,7 @@ def _first_line(err: Exception) -> str:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the dataclasses."""
+    """The config reference tables of docs/configuration.md, generated from the dataclasses."""
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"**{section}** — {cls.__doc__}\n")
@@ -402,7 +459,7 @@ def reference_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m llmhalluc.config` prints the README reference; `--get KEY CONFIG [key=value ...]` one value."""
+    """`python -m llmhalluc.config` prints docs/configuration.md's tables; `--get KEY CONFIG [k=v ...]` one value."""
     import argparse
     import sys
 

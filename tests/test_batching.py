@@ -19,11 +19,17 @@ from llmhalluc.data.batching import (
     pack_best_fit_decreasing,
     pack_shuffled_best_fit,
     packing_efficiency,
-    should_pack,
 )
 from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
 from llmhalluc.models.attention import PACKED_SDPA, use_packed_sdpa
-from llmhalluc.train.loop import cross_entropy_sum, model_inputs
+from llmhalluc.train.loss import cross_entropy_sum as loss_parts
+from llmhalluc.train.loss import model_inputs
+
+
+def cross_entropy_sum(model, batch, **options):
+    """The summed cross-entropy alone (the per-source split is tested elsewhere)."""
+    return loss_parts(model, batch, **options)[0]
+
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -126,7 +132,7 @@ def assert_packed_logits_equal_unpacked(model: Any, rows: list[list[dict]]) -> N
     """Each example's logits inside packed rows (pad runs included) equal its logits run alone."""
     packed = PackedCollator(pad_token_id=0, pad_to_multiple_of=64)(rows)  # pad runs are segments too
     with torch.no_grad():
-        logits = model(**model_inputs(packed), use_cache=False).logits
+        logits = model(**model_inputs(packed, model.config), use_cache=False).logits
         for r, row in enumerate(rows):
             start = 0
             for example in row:
@@ -177,9 +183,11 @@ def test_packed_sdpa_gradients_equal_padded_gradients(tiny_model_dir, examples):
         assert cross_entropy_sum(packed_model, batch).item() == cross_entropy_sum(reference, batch).item()
 
 
-def test_packed_sdpa_keeps_a_sliding_window(tokenizer, examples):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
+def test_packed_rows_keep_a_sliding_window(tokenizer, examples, attention):
     # Mistral-style layers attend to the last 8 tokens only: per-segment causal sdpa would see more, so those
-    # layers fall back to transformers' sliding-window mask over the packed row.
+    # layers fall back to transformers' sliding-window mask over the packed row; the explicit block-diagonal mask
+    # of sdpa and eager carries the window too.
     config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -191,8 +199,9 @@ def test_packed_sdpa_keeps_a_sliding_window(tokenizer, examples):
     )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
-    use_packed_sdpa(model)
+    model.set_attn_implementation("sdpa" if attention == PACKED_SDPA else attention)
+    if attention == PACKED_SDPA:
+        use_packed_sdpa(model)
     assert_packed_logits_equal_unpacked(model, [examples[:3], examples[3:7]])
 
 
@@ -246,10 +255,3 @@ def test_lm_head_on_trained_positions_gives_the_full_logits_loss_and_gradients(t
     torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-4)
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_packing_is_on_by_default_for_short_chats_only():
-    assert should_pack([60, 70, 80], max_length=512, packing=None)
-    assert not should_pack([300, 400, 500], max_length=512, packing=None)
-    assert should_pack([300, 400, 500], max_length=512, packing=True)
-    assert not should_pack([60, 70, 80], max_length=512, packing=False)

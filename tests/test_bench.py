@@ -31,4 +31,4 @@ def test_launch_throughput_parses_a_real_two_process_zero3_run(tmp_path, tiny_mo
     assert result["trained_tokens_per_second_per_gpu"] == pytest.approx(rows[2]["trained_tokens"] / seconds / 2)
     assert result["mfu"] is None and result["peak_memory_gb"] is None  # GPU-only metrics
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["zero_stage"] == 3 and summary["packing"]["enabled"]
+    assert summary["zero_stage"] == 3 and summary["batch_layout"] == "packed"

@@ -138,7 +138,7 @@ def test_phi3_end_of_chat_eos_is_not_trained():
     assert trained_segments(tokenizer, out["input_ids"], out["labels"]) == ["3 + 4 = 7.\n#### 7<|end|>"]
 
 
-def test_qwen3_drops_earlier_reasoning_and_masks_stay_exact():
+def test_qwen3_drops_earlier_reasoning_so_only_mask_history_trains_it():
     tokenizer = tokenizer_with("qwen", (VENDOR_DIR / "qwen3.jinja").read_text())
     messages = [
         {"role": "user", "content": "2 + 2?"},
@@ -146,23 +146,23 @@ def test_qwen3_drops_earlier_reasoning_and_masks_stay_exact():
         {"role": "user", "content": "3 + 3?"},
         {"role": "assistant", "content": "3 + 3 = 6."},
     ]
-    out = tokenize_chat(tokenizer, messages)
+    with pytest.raises(TemplateError, match="assistant turn 1: the chat template drops part of it"):
+        tokenize_chat(tokenizer, messages)
+    out = tokenize_chat(tokenizer, messages, mask_history=True)
     assert "two twos" not in tokenizer.decode(out["input_ids"])
     assert trained_segments(tokenizer, out["input_ids"], out["labels"]) == [
-        "2 + 2 = 4.<|im_end|>",
-        "<think>\n\n</think>\n\n3 + 3 = 6.<|im_end|>",
+        "<think>\n\n</think>\n\n3 + 3 = 6.<|im_end|>"
     ]
 
 
-def test_qwen3_reasoning_in_the_final_turn_fails_loudly_without_markers_and_works_with_them():
+def test_qwen3_reasoning_in_the_final_turn_is_trained_as_rendered_with_or_without_markers():
     messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>twos</think>4"}]
-    tokenizer = tokenizer_with("qwen", (VENDOR_DIR / "qwen3.jinja").read_text())
-    with pytest.raises(TemplateError, match="renders turn 1 differently"):
-        tokenize_chat(tokenizer, messages)
-    tokenizer = tokenizer_with("qwen", (VENDOR_DIR / "qwen3_training.jinja").read_text())
-    out = tokenize_chat(tokenizer, messages)
-    (segment,) = trained_segments(tokenizer, out["input_ids"], out["labels"])
-    assert segment.startswith("<think>\ntwos\n</think>\n\n4<|im_end|>")
+    for template in ("qwen3", "qwen3_training"):
+        tokenizer = tokenizer_with("qwen", (VENDOR_DIR / f"{template}.jinja").read_text())
+        out = tokenize_chat(tokenizer, messages)
+        (segment,) = trained_segments(tokenizer, out["input_ids"], out["labels"])
+        # trl's training template also marks the newline after <|im_end|>: markers are the template's word.
+        assert segment.startswith("<think>\ntwos\n</think>\n\n4<|im_end|>"), template
 
 
 def test_templates_with_several_marked_blocks_per_turn():

@@ -189,9 +189,9 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(saved) == config
 
 
-def test_readme_config_reference_is_in_sync():
-    readme = (REPO / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate with: python -m llmhalluc.config"
+def test_config_reference_is_in_sync():
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in reference, "regenerate with: python -m llmhalluc.config (docs/configuration.md)"
 
 
 def test_shipped_configs_load():

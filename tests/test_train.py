@@ -83,13 +83,22 @@ def eight(tmp_path_factory, tiny_model_dir) -> dict:
     return {"root": root, "base": base, "loss": loss.item(), "grad_norm": grad_norm}
 
 
+# Padding-free micro-batches are the default on CPU (sdpa); padding_free=false asks for padded ones.
 SPLITS = {
     "1proc-mbs8": (None, ["per_device_train_batch_size=8"]),
+    "1proc-mbs8-padded": (None, ["per_device_train_batch_size=8", "padding_free=false"]),
     "1proc-mbs2-ga4": (None, ["per_device_train_batch_size=2", "gradient_accumulation_steps=4"]),
     "1proc-packed": (None, ["per_device_train_batch_size=1", "packing=true"]),
     "ddp-mbs4": ("cpu_ddp.yaml", ["per_device_train_batch_size=4"]),
-    "zero2-mbs2-ga2": ("cpu_zero2.yaml", ["per_device_train_batch_size=2", "gradient_accumulation_steps=2"]),
+    "zero2-mbs2-ga2-padded": (
+        "cpu_zero2.yaml",
+        ["per_device_train_batch_size=2", "gradient_accumulation_steps=2", "padding_free=false"],
+    ),
     "zero3-mbs1-ga4": ("cpu_zero3.yaml", ["per_device_train_batch_size=1", "gradient_accumulation_steps=4"]),
+    "zero3-mbs2-ga2-padded": (
+        "cpu_zero3.yaml",
+        ["per_device_train_batch_size=2", "gradient_accumulation_steps=2", "padding_free=false"],
+    ),
     "zero3-offload-mbs4": ("cpu_zero3_offload.yaml", ["per_device_train_batch_size=4"]),
 }
 
@@ -113,7 +122,10 @@ def test_one_step_matches_the_reference_at_every_split(eight, split_runs, name):
     assert summary["processes"] == (1 if SPLITS[name][0] is None else 2)
     expected_type = {None: "NO", "cpu_ddp.yaml": "MULTI_CPU"}.get(SPLITS[name][0], "DEEPSPEED")
     assert summary["distributed_type"] == expected_type
-    assert summary["attention"] == (PACKED_SDPA if "packed" in name else "sdpa")  # per-segment on CPU
+    assert summary["batch_layout"] == (
+        "packed" if "packed" in name else "padded" if "padded" in name else "padding_free"
+    )
+    assert summary["attention"] == ("sdpa" if "padded" in name else PACKED_SDPA)  # per-example attention on CPU
 
 
 def test_eval_loss_is_token_weighted_across_ranks(split_runs, tiny_model_dir):
@@ -157,7 +169,7 @@ def test_deepspeed_got_the_experiments_numbers_and_zero3_loaded_sharded(split_ru
         "weight_decay": 0.0,
     }
     assert offload["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 4
-    zero2 = json.loads((split_runs["zero2-mbs2-ga2"] / "run_summary.json").read_text())
+    zero2 = json.loads((split_runs["zero2-mbs2-ga2-padded"] / "run_summary.json").read_text())
     assert zero2["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 2
     assert zero2["loaded_sharded"] is False
 
@@ -259,7 +271,7 @@ def test_same_config_twice_gives_the_same_metrics_and_wandb_offline_records_them
     run_sft([*args, f"output_dir={first}"], env={"WANDB_MODE": "offline"})
     # The saved config reproduces the run (into another folder: the first one is never overwritten).
     run_sft([str(first / "config.yaml"), f"output_dir={second}"], env={"WANDB_MODE": "offline"})
-    timing = {"tokens_per_second", "trained_tokens_per_second", "step_time"}
+    timing = {"tokens_per_second", "trained_tokens_per_second", "step_time", "eval_time"}
     strip = [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(first)]
     assert strip == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(second)]
     (run_file,) = (first / "wandb").glob("offline-run-*/run-*.wandb")

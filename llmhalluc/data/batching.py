@@ -1,9 +1,17 @@
-"""Batches: padded, or packed (best-fit rows, restarting position_ids, no attention_mask).
+"""Batches: padded, padding-free (one row of the micro-batch's sequences) or packed rows of max_length.
 
 Labels follow the Hugging Face convention: `labels[t]` is the token at position t and the loss compares position
-t-1's prediction with it. In a packed row the first token of every example is unlabeled, so no example is trained
-to predict the start of the next one. Every batch also carries `lengths`, the real tokens of each example, which
-is metadata for the loop, not a model input.
+t-1's prediction with it. In a packed or padding-free row the first token of every example is unlabeled, so no
+example is trained to predict the start of the next one. Every batch also carries metadata for the loop, computed
+here on the CPU so the device never waits for the host:
+
+- `predict_index`: flat indices (into rows x length) of the positions that predict a trained token, `targets` the
+  tokens they predict and `target_sources` the dataset each comes from (the loss runs the LM head only there);
+- `lengths`: the real tokens of each example (throughput and attention FLOPs).
+
+Packed and padding-free rows carry `cu_seq_lens`/`max_seq_len` (segment boundaries over the flattened rows, for
+flash-attention's varlen kernels and the per-example sdpa on CPU) and `segment_ids` (an explicit block-diagonal
+mask for sdpa and eager on GPU): boundaries are never inferred from position ids, which may rewind at backtracks.
 """
 
 from __future__ import annotations
@@ -19,7 +27,22 @@ import torch
 
 from llmhalluc.data.chat import IGNORE_INDEX
 
-Example = dict[str, list[int]]
+Example = dict[str, Any]
+
+
+def add_targets(batch: dict[str, Any], sources: torch.Tensor, num_sources: int) -> dict[str, Any]:
+    """Add predict_index, targets (ordered by source dataset) and source_counts (host ints) from the batch's labels;
+    `sources` gives the source dataset of every position."""
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    index = predicts.flatten().nonzero().squeeze(1)
+    target_sources = sources.flatten()[index]
+    index = index[torch.argsort(target_sources, stable=True)]
+    batch["predict_index"] = index
+    batch["targets"] = labels.flatten()[index + 1]  # position t predicts token t + 1 of the same row
+    batch["source_counts"] = torch.bincount(target_sources, minlength=num_sources).tolist()
+    return batch
 
 
 @dataclass(frozen=True)
@@ -28,37 +51,48 @@ class PaddedCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    num_sources: int = 1
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask and labels of shape [len(examples), longest], and lengths."""
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """input_ids, attention_mask and labels (and position_ids when the examples carry them) of shape
+        [len(examples), longest], the targets, and lengths."""
         longest = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        sources = torch.zeros((len(examples), longest), dtype=torch.long)
+        with_positions = "position_ids" in examples[0]
+        position_ids = torch.zeros((len(examples), longest), dtype=torch.long)
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             input_ids[row, :n] = torch.tensor(example["input_ids"])
             labels[row, :n] = torch.tensor(example["labels"])
             attention_mask[row, :n] = 1
-        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}
+            sources[row] = example.get("source", 0)
+            if with_positions:
+                position_ids[row, :n] = torch.tensor(example["position_ids"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if with_positions:
+            batch["position_ids"] = position_ids
+        batch["lengths"] = torch.tensor([len(e["input_ids"]) for e in examples])
+        return add_targets(batch, sources, self.num_sources)
 
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Stacks packed rows into [rows, longest row]; each example's position_ids restart at 0, so attention stays
-    inside it. A row shorter than the longest is filled with a pad run (its own positions, no labels).
-    `cu_seq_lens` (segment boundaries over the flattened rows, the pad runs being segments too) and `max_seq_len`
-    are the flash-attention varlen arguments for the same layout."""
+    """Stacks packed rows into [rows, longest row]; each example's position_ids restart at 0 (or are the example's
+    own, e.g. rewound at backtracks). A row shorter than the longest is filled with a pad run (its own positions
+    and segment, no labels)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    num_sources: int = 1
 
-    def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
-        """input_ids, position_ids and labels of shape [len(rows), longest row], lengths per example, and the
-        segment boundaries."""
+    def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, Any]:
+        """input_ids, position_ids, labels, segment_ids of shape [len(rows), longest row], lengths per example,
+        segment boundaries and the targets."""
         sizes = [sum(len(e["input_ids"]) for e in row) for row in rows]
         longest = max(sizes)
         if self.pad_to_multiple_of:
@@ -66,6 +100,8 @@ class PackedCollator:
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        sources = torch.zeros((len(rows), longest), dtype=torch.long)
         lengths, boundaries = [], [0]
         for r, row in enumerate(rows):
             start = 0
@@ -73,21 +109,40 @@ class PackedCollator:
                 n = len(example["input_ids"])
                 input_ids[r, start : start + n] = torch.tensor(example["input_ids"])
                 labels[r, start + 1 : start + n] = torch.tensor(example["labels"][1:])
-                position_ids[r, start : start + n] = torch.arange(n)
+                positions = example.get("position_ids")
+                position_ids[r, start : start + n] = torch.tensor(positions) if positions else torch.arange(n)
+                segment_ids[r, start : start + n] = len(boundaries)
+                sources[r, start : start + n] = example.get("source", 0)
                 lengths.append(n)
                 start += n
                 boundaries.append(r * longest + start)
             position_ids[r, start:] = torch.arange(longest - start)
             if start < longest:
+                segment_ids[r, start:] = len(boundaries)
                 boundaries.append((r + 1) * longest)
-        return {
+        batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "labels": labels,
+            "segment_ids": segment_ids,
             "lengths": torch.tensor(lengths),
             "cu_seq_lens": torch.tensor(boundaries, dtype=torch.int32),
             "max_seq_len": max(end - begin for begin, end in itertools.pairwise(boundaries)),
         }
+        return add_targets(batch, sources, self.num_sources)
+
+
+@dataclass(frozen=True)
+class PaddingFreeCollator:
+    """A micro-batch of sequences as one row [1, total tokens]: no pad token is computed, and with per-example
+    attention the numbers equal the padded batch's."""
+
+    pad_token_id: int
+    num_sources: int = 1
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """PackedCollator's layout for a single row holding every example."""
+        return PackedCollator(self.pad_token_id, num_sources=self.num_sources)([examples])
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> list[list[int]]:
@@ -127,14 +182,6 @@ def pack_rows(lengths: Sequence[int], capacity: int, strategy: str, seed: int) -
     if strategy == "best_fit_decreasing":
         return pack_best_fit_decreasing(lengths, capacity)
     return pack_shuffled_best_fit(lengths, capacity, seed)
-
-
-def should_pack(lengths: Sequence[int], max_length: int, packing: bool | None) -> bool:
-    """The packing setting, or with None (auto): pack short chats, those whose median fills a quarter row at most."""
-    if packing is not None:
-        return packing
-    ordered = sorted(lengths)
-    return bool(ordered) and ordered[len(ordered) // 2] * 4 <= max_length
 
 
 def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity: int) -> float:

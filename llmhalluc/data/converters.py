@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from llmhalluc.data.registry import DatasetSpec
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+# Message fields a chat may carry besides role and content, passed through to the template and the masker:
+# tool calls (OpenAI's format), reasoning, and axolotl's per-message / per-span loss control.
+EXTRA_FIELDS = ("tool_calls", "reasoning_content", "training", "training_detail", "tool_call_id", "name")
 
 
 class DropRow(Exception):
@@ -58,13 +61,32 @@ def check_chat(messages: Messages) -> None:
             raise DropRow("roles_out_of_order")
         if not isinstance(content, str):
             raise DropRow("non_text_content")
-        if not content.strip():
+        if not content.strip() and not (role == "assistant" and message.get("tool_calls")):
             raise DropRow("empty_assistant_turn" if role == "assistant" else f"empty_{role}_turn")
+        _check_loss_fields(message)
         previous = role
     if "assistant" not in {m["role"] for m in messages}:
         raise DropRow("no_assistant_turn")
     if previous != "assistant":
         raise DropRow("roles_out_of_order")
+
+
+def _check_loss_fields(message: dict[str, Any]) -> None:
+    """`training` is a bool; `training_detail` a list of {begin_offset, end_offset (inclusive), train} inside the
+    content."""
+    if "training" in message and not isinstance(message["training"], bool):
+        raise DropRow("malformed_training_flag")
+    detail = message.get("training_detail")
+    if detail is None:
+        return
+    if not isinstance(detail, list):
+        raise DropRow("malformed_training_detail")
+    for span in detail:
+        begin, end = (span.get("begin_offset"), span.get("end_offset")) if isinstance(span, dict) else (None, None)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end < len(message["content"])):
+            raise DropRow("malformed_training_detail")
+        if not isinstance(span.get("train", True), bool):
+            raise DropRow("malformed_training_detail")
 
 
 def _text(row: dict[str, Any], column: str | None) -> str:
@@ -119,8 +141,21 @@ def convert_sharegpt(row: dict[str, Any], spec: DatasetSpec, options: ConvertOpt
         if not isinstance(turn, dict) or turn.get(tags["role_tag"]) not in roles:
             raise DropRow("unknown_role")
         content = turn.get(tags["content_tag"])
-        messages.append({"role": roles[turn[tags["role_tag"]]], "content": _content_text(content)})
+        message = {"role": roles[turn[tags["role_tag"]]], "content": _content_text(content)}
+        # datasets fills fields a row lacks with None (its schema is the union over rows): None means absent.
+        message.update({key: _without_nulls(turn[key]) for key in EXTRA_FIELDS if turn.get(key) is not None})
+        messages.append(message)
     return messages
+
+
+def _without_nulls(value: Any) -> Any:
+    # datasets stores nested objects with the union of every row's keys (absent ones as None), so a tool call's
+    # arguments would gain other rows' keys as nulls: keys whose value is None are dropped.
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _content_text(content: Any) -> Any:

@@ -17,15 +17,18 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import DataConfig
-from llmhalluc.data import chat, converters
+from llmhalluc.data import backtrack, chat, converters
 from llmhalluc.data.chat import (
     IGNORE_INDEX,
     Messages,
-    Span,
+    TokenizeOptions,
+    TurnSpan,
+    backtrack_id_of,
     chat_template_of,
     label_tokens,
     render_chats_with_assistant_spans,
     render_with_assistant_spans,
+    stop_ids,
 )
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
 from llmhalluc.data.registry import DatasetSpec, check_columns, load_raw_dataset, resolve_dataset
@@ -34,11 +37,12 @@ from llmhalluc.errors import DataError, TemplateError
 DROP_HINTS = {
     "no_trained_tokens_after_truncation": "max_length is shorter than the prompts; raise max_length",
 }
+BACKTRACK_COLUMNS = ("backtrack_runs", "backtrack_tokens", "backtrack_masked", "backtrack_clamped")
 
 
 @dataclass
 class DatasetStats:
-    """What preparation kept, dropped and produced for one split."""
+    """What preparation kept, dropped and produced for one split (and, in `sources`, for each of its datasets)."""
 
     rows: int = 0
     examples: int = 0
@@ -47,29 +51,62 @@ class DatasetStats:
     tokens: int = 0
     trained_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
+    trained_per_example: dict[str, float] = field(default_factory=dict)
+    turns: int = 0  # trained assistant turns
+    turns_closed: int = 0  # of those, turns whose end-of-turn token is trained
+    backtrack: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, DatasetStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
-        return {
+        out = {
             "rows": self.rows,
             "examples": self.examples,
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
+            "trained_share": round(self.trained_tokens / max(self.tokens, 1), 4),
             "length_percentiles": self.length_percentiles,
+            "trained_per_example": self.trained_per_example,
+            "turns": self.turns,
+            "turns_closed": self.turns_closed,
         }
+        if self.backtrack:
+            out["backtrack"] = self.backtrack
+        if self.sources:
+            out["sources"] = {name: stats.to_dict() for name, stats in self.sources.items()}
+        return out
 
     def summary(self, split: str) -> str:
         """Human-readable lines for the startup log."""
         dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(self.dropped.items())) or "none"
         lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
-        return (
-            f"{split}: {self.examples} examples from {self.rows} rows; dropped: {dropped}; "
-            f"truncated: {self.truncated}\n"
+        lines = [
+            f"{split}: {self.examples} examples from {self.rows} rows; dropped: {dropped}; truncated: {self.truncated}",
             f"{split}: {self.tokens} tokens, {self.trained_tokens} trained "
-            f"({100 * self.trained_tokens / max(self.tokens, 1):.1f}%); lengths {lengths}"
-        )
+            f"({100 * self.trained_tokens / max(self.tokens, 1):.1f}%); lengths {lengths}",
+        ]
+        if self.backtrack:
+            lines.append(f"{split}: backtracks " + ", ".join(f"{k}={v}" for k, v in self.backtrack.items()))
+        for name, part in self.sources.items():
+            lines.append(
+                f"{split}/{name}: {part.examples} examples ({100 * part.examples / max(self.examples, 1):.1f}% of the "
+                f"mix), {part.tokens} tokens, {part.trained_tokens} trained"
+            )
+        return "\n".join(lines)
+
+
+def tokenize_options(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizeOptions:
+    """The tokenize_chat options the experiment config sets, with the backtrack token resolved to its id."""
+    return TokenizeOptions(
+        max_length=data.max_length,
+        train_on_prompt=data.train_on_prompt,
+        mask_history=data.mask_history,
+        backtrack_id=backtrack_id_of(tokenizer, data.backtrack_token),
+        mask_backtracked=data.mask_backtracked,
+        backtrack_position_ids=data.backtrack_position_ids,
+    )
 
 
 def prepare_dataset(
@@ -78,46 +115,88 @@ def prepare_dataset(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,
     main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+    mix: bool = True,
 ) -> tuple[datasets.Dataset, DatasetStats]:
-    """The tokenized examples (`input_ids`, `labels`) of the named datasets, concatenated, and their stats."""
-    parts, stats = [], DatasetStats()
+    """The tokenized examples (`input_ids`, `labels`, `source`: the index of their dataset in `names`) of the named
+    datasets, mixed as data.mix_strategy says (concatenated for eval sets: mix=False), and their stats."""
+    options = tokenize_options(data, tokenizer)
+    parts, part_stats = [], []
     with main_process_first():
-        for name in names:
-            part, part_stats = _prepare_one(name, data, tokenizer, seed)
-            parts.append(part)
-            stats.rows += part_stats.rows
-            stats.dropped.update(part_stats.dropped)
-            stats.truncated += part_stats.truncated
-    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    lengths = column(dataset, "length")
-    stats.examples = len(dataset)
-    stats.tokens = int(lengths.sum())
-    stats.trained_tokens = int(column(dataset, "trained").sum())
-    stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q, method="lower")) for q in (50, 90, 99)} | {
-        "max": int(lengths.max())
-    }
+        for index, name in enumerate(names):
+            part, stats = _prepare_one(name, data, tokenizer, options, seed)
+            parts.append(part.add_column("source", [index] * len(part)))
+            part_stats.append(stats)
+    if len(parts) == 1:
+        dataset = parts[0]
+    elif mix and data.mix_strategy != "concat":
+        dataset = datasets.interleave_datasets(
+            parts,
+            probabilities=data.interleave_probs,
+            seed=seed,
+            stopping_strategy="first_exhausted" if data.mix_strategy == "interleave_under" else "all_exhausted",
+        )
+    else:
+        dataset = datasets.concatenate_datasets(parts)
+    stats = DatasetStats(
+        rows=sum(s.rows for s in part_stats),
+        dropped=sum((s.dropped for s in part_stats), Counter()),
+        truncated=sum(s.truncated for s in part_stats),
+    )
+    _describe(dataset, stats)
+    if len(names) > 1:
+        sources = column(dataset, "source")
+        for index, (name, part) in enumerate(zip(names, part_stats)):
+            part.examples = 0
+            _describe(dataset.select(np.flatnonzero(sources == index)), part)
+            stats.sources[name] = part
     return dataset, stats
 
 
+def _describe(dataset: datasets.Dataset, stats: DatasetStats) -> None:
+    """Fill the token and audit numbers of `stats` from the examples of `dataset`."""
+    if len(dataset) == 0:
+        return
+    table = dataset.with_format("arrow")[:]
+    lengths = table["length"].to_numpy()
+    trained = table["trained"].to_numpy()
+    stats.examples = len(dataset)
+    stats.tokens = int(lengths.sum())
+    stats.trained_tokens = int(trained.sum())
+    stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q, method="lower")) for q in (50, 90, 99)} | {
+        "max": int(lengths.max())
+    }
+    stats.trained_per_example = {
+        "mean": round(float(trained.mean()), 2),
+        "p50": int(np.percentile(trained, 50, method="lower")),
+        "p99": int(np.percentile(trained, 99, method="lower")),
+    }
+    stats.turns = int(table["turns"].to_numpy().sum())
+    stats.turns_closed = int(table["turns_closed"].to_numpy().sum())
+    if "backtrack_runs" in table.column_names:
+        runs = table["backtrack_runs"].to_numpy()
+        stats.backtrack = {"examples_with_backtracks": int((runs > 0).sum())} | {
+            name.removeprefix("backtrack_"): int(table[name].to_numpy().sum()) for name in BACKTRACK_COLUMNS
+        }
+
+
 def _prepare_one(
-    name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+    name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, seed: int
 ) -> tuple[datasets.Dataset, DatasetStats]:
     spec = resolve_dataset(name, data.dataset_dir)
     raw = load_raw_dataset(spec, seed=seed)
     if data.max_samples is not None and len(raw) > data.max_samples:
         raw = raw.select(range(data.max_samples))
     check_columns(spec, raw)
-    options = ConvertOptions(abstention_answer=data.abstention_answer)
-    settings = TokenizeSettings(data.max_length, data.train_on_prompt, data.mask_history)
+    convert = ConvertOptions(abstention_answer=data.abstention_answer)
     try:
         processed = raw.map(
             _process_batch,
             batched=True,
             with_indices=True,
             remove_columns=raw.column_names,
-            fn_kwargs={"spec": spec, "options": options, "tokenizer": tokenizer, "settings": settings},
+            fn_kwargs={"spec": spec, "convert": convert, "tokenizer": tokenizer, "options": options},
             num_proc=data.preprocessing_num_workers if len(raw) > 1000 else None,
-            new_fingerprint=fingerprint(raw, spec, options, tokenizer, settings),
+            new_fingerprint=fingerprint(raw, spec, convert, tokenizer, options),
             desc=f"Tokenizing {name}",
         )
     except (TemplateError, DataError) as err:
@@ -141,30 +220,28 @@ def column(dataset: datasets.Dataset, name: str) -> np.ndarray:
     return dataset.with_format("arrow")[name].to_numpy()
 
 
-@dataclass(frozen=True)
-class TokenizeSettings:
-    """The tokenize_chat options the experiment config sets."""
-
-    max_length: int | None
-    train_on_prompt: bool
-    mask_history: bool
-
-
-OUTPUT_SCHEMA = pa.schema(
-    {
+def output_schema(options: TokenizeOptions) -> pa.Schema:
+    """The columns _process_batch writes for these options."""
+    fields = {
         "input_ids": pa.list_(pa.int32()),
         "labels": pa.list_(pa.int32()),
         "length": pa.int32(),
         "trained": pa.int32(),
+        "turns": pa.int32(),
+        "turns_closed": pa.int32(),
         "drop_reason": pa.string(),
         "truncated": pa.bool_(),
     }
-)
+    if options.backtrack_position_ids:
+        fields["position_ids"] = pa.list_(pa.int32())
+    if options.backtrack_id is not None:
+        fields.update(dict.fromkeys(BACKTRACK_COLUMNS, pa.int32()))
+    return pa.schema(fields)
 
 
 def _render_rows(
     tokenizer: PreTrainedTokenizerBase, rows: list[tuple[int, Messages]], last_turn_only: bool
-) -> list[tuple[str, list[Span]]]:
+) -> list[tuple[str, list[TurnSpan]]]:
     """Text and assistant spans of (row index, chat) pairs in one template call; an error names its row."""
     try:
         return render_chats_with_assistant_spans(tokenizer, [messages for _, messages in rows], last_turn_only)
@@ -184,64 +261,61 @@ def _process_batch(
     batch: dict[str, list],
     indices: list[int],
     spec: DatasetSpec,
-    options: ConvertOptions,
+    convert: ConvertOptions,
     tokenizer: PreTrainedTokenizerBase,
-    settings: TokenizeSettings,
+    options: TokenizeOptions,
 ) -> pa.Table:
     """Convert and tokenize a batch of raw rows; rows that cannot be used get a drop_reason instead."""
+    schema = output_schema(options)
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    out: dict[str, list] = {name: [] for name in schema.names}
     chats: list[Any] = []
     for row in rows:
         try:
-            chats.append(to_chat(row, spec, options))
+            chats.append(to_chat(row, spec, convert))
             out["drop_reason"].append(None)
         except DropRow as drop:
             chats.append(None)
             out["drop_reason"].append(drop.reason)
     kept = [(index, messages) for index, messages in zip(indices, chats) if messages is not None]
-    rendered = iter(_render_rows(tokenizer, kept, settings.mask_history) if kept else [])
+    rendered = iter(_render_rows(tokenizer, kept, options.mask_history) if kept else [])
     pairs = [next(rendered) if messages is not None else ("", []) for messages in chats]
-    texts, spans = [text for text, _ in pairs], [row_spans for _, row_spans in pairs]
     # The backend tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False), and
     # char->token lookups in Rust instead of every offset converted to Python.
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in pairs], add_special_tokens=False)
+    stops = stop_ids(tokenizer)
     for i, messages in enumerate(chats):
-        ids, labels, truncated = [], [], False
+        labeled = chat.LabeledChat([], [])
         if messages is not None:
+            text, spans = pairs[i]
             try:
-                full = label_tokens(
-                    texts[i],
-                    encodings[i],
-                    spans[i],
-                    messages,
-                    None,
-                    settings.train_on_prompt,
-                    settings.mask_history,
-                )
+                labeled = label_tokens(text, encodings[i], spans, messages, options, stops)
             except TemplateError as err:
                 raise TemplateError(f"row {indices[i]}: {err}") from None
-            ids, labels = full["input_ids"], full["labels"]
-            if settings.max_length is not None and len(ids) > settings.max_length:
-                ids, labels, truncated = ids[: settings.max_length], labels[: settings.max_length], True
+        labels = labeled.labels
         # The first token is never predicted (nothing precedes it), so it never counts as trained.
         trained = len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0
         if messages is not None and trained == 0:
-            out["drop_reason"][i] = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
-        out["input_ids"].append(ids)
+            out["drop_reason"][i] = "no_trained_tokens_after_truncation" if labeled.truncated else "no_trained_tokens"
+        out["input_ids"].append(labeled.input_ids)
         out["labels"].append(labels)
-        out["length"].append(len(ids))
+        out["length"].append(len(labeled.input_ids))
         out["trained"].append(trained)
-        out["truncated"].append(truncated)
+        out["turns"].append(labeled.turns)
+        out["turns_closed"].append(labeled.turns_closed)
+        out["truncated"].append(labeled.truncated)
+        if "position_ids" in out:
+            out["position_ids"].append(labeled.position_ids or [])
+        if "backtrack_runs" in out:
+            for name in BACKTRACK_COLUMNS:
+                out[name].append(getattr(labeled.backtrack, name.removeprefix("backtrack_")))
     # Typed Arrow columns: datasets' own conversion of nested Python lists (type inference and checks per
     # value) cost more than tokenizing; token ids fit int32 and halve the cache.
     columns = {
-        name: _int32_lists(values)
-        if name in ("input_ids", "labels")
-        else pa.array(values, OUTPUT_SCHEMA.field(name).type)
-        for name, values in out.items()
+        name: _int32_lists(values) if name in ("input_ids", "labels", "position_ids") else pa.array(values, type)
+        for (name, values), type in zip(out.items(), schema.types)
     }
-    return pa.table(columns, schema=OUTPUT_SCHEMA)
+    return pa.table(columns, schema=schema)
 
 
 def _int32_lists(lists: list[list[int]]) -> pa.ListArray:
@@ -264,16 +338,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def fingerprint(
     raw: datasets.Dataset,
     spec: DatasetSpec,
-    options: ConvertOptions,
+    convert: ConvertOptions,
     tokenizer: PreTrainedTokenizerBase,
-    settings: TokenizeSettings,
+    options: TokenizeOptions,
 ) -> str:
     """Cache key of a prepared dataset: the raw data, the code and every setting that changes the output."""
     digest = hashlib.sha256()
-    for part in (raw._fingerprint, repr(spec), repr(options), repr(settings), tokenizer_fingerprint(tokenizer)):
+    for part in (raw._fingerprint, repr(spec), repr(convert), repr(options), tokenizer_fingerprint(tokenizer)):
         digest.update(part.encode())
-    for module in (chat, converters):
+    for module in (chat, converters, backtrack):
         digest.update(inspect.getsource(module).encode())
-    for function in (_process_batch, _render_rows, _int32_lists):
+    for function in (_process_batch, _render_rows, _int32_lists, output_schema):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:32]

@@ -8,7 +8,7 @@ from typing import TextIO
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config
-from llmhalluc.data.batching import pack_rows, packing_efficiency, should_pack
+from llmhalluc.data.batching import pack_rows, packing_efficiency
 from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.models.loading import load_tokenizer
@@ -47,7 +47,7 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
         dataset, stats = prepare_dataset(names, config.data, tokenizer, config.training.seed)
         print(stats.summary(split), file=out)
         lengths = column(dataset, "length").tolist()
-        if split == "train" and should_pack(lengths, config.data.max_length, config.data.packing):
+        if split == "train" and config.data.packing:
             bins = pack_rows(lengths, config.data.max_length, config.data.packing_strategy, config.training.seed)
             efficiency = packing_efficiency(lengths, bins, config.data.max_length)
             print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ def resolve_template(template: str) -> str:
         if not path.is_file():
             raise UserError(f"template: file not found: {path}")
         return path.read_text(encoding="utf-8")
-    raise UserError(f"template: unknown template {template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, "
-                    "or a path to a .jinja file")
+    raise UserError(
+        f"template: unknown template {template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file"
+    )
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -33,8 +35,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
     except OSError as err:
-        raise UserError(f"model_name_or_path: cannot load a tokenizer from {model.model_name_or_path!r}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model_name_or_path: cannot load a tokenizer from {model.model_name_or_path!r}: {str(err).splitlines()[0]}"
+        ) from None
     if model.template is not None:
         tokenizer.chat_template = template
     chat_template_of(tokenizer)  # a tokenizer with no template at all is an error now, not at the first row
@@ -45,21 +48,46 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(model: ModelConfig) -> PreTrainedModel:
-    """The causal LM in fp32 (mixed precision comes from accelerate/DeepSpeed), cache off, checkpointing if asked."""
+def resolve_attention(model: ModelConfig) -> str:
+    """The attention kernel: as configured, else the fastest exact one installed (flash-attention 3 or 2 on a GPU),
+    else sdpa."""
+    if model.attn_implementation is not None:
+        return model.attn_implementation
+    if torch.cuda.is_available():
+        for implementation, module in (
+            ("flash_attention_3", "flash_attn_interface"),
+            ("flash_attention_2", "flash_attn"),
+        ):
+            if importlib.util.find_spec(module) is not None:
+                return implementation
+    return "sdpa"
+
+
+def load_dtype(bf16: bool, deepspeed: bool) -> torch.dtype:
+    """The dtype weights are loaded in: what the engine holds. DeepSpeed in bf16 holds bf16 weights (its optimizer
+    keeps the fp32 master copy), so loading fp32 would only cost host memory on every rank; autocast (DDP, one GPU)
+    computes in bf16 from fp32 weights, which it needs."""
+    return torch.bfloat16 if bf16 and deepspeed else torch.float32
+
+
+def load_model(model: ModelConfig, attention: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The causal LM in `dtype` with `attention`, cache off, gradient checkpointing if asked."""
     if model.trust_remote_code:
-        print(f"WARNING: trust_remote_code is on: running modelling code shipped with {model.model_name_or_path}",
-              flush=True)
+        print(
+            f"WARNING: trust_remote_code is on: running modelling code shipped with {model.model_name_or_path}",
+            flush=True,
+        )
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             model.model_name_or_path,
-            dtype=torch.float32,
-            attn_implementation=model.attn_implementation,
+            dtype=dtype,
+            attn_implementation=attention,
             trust_remote_code=model.trust_remote_code,
         )
     except (OSError, ImportError, ValueError) as err:
-        raise UserError(f"model_name_or_path: cannot load {model.model_name_or_path!r}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model_name_or_path: cannot load {model.model_name_or_path!r}: {str(err).splitlines()[0]}"
+        ) from None
     loaded.config.use_cache = False
     if model.use_liger_kernel:
         apply_liger_kernels(loaded)
@@ -75,5 +103,7 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        raise UserError("use_liger_kernel: the liger-kernel package is not installed (pip install liger-kernel)") from None
+        raise UserError(
+            "use_liger_kernel: the liger-kernel package is not installed (pip install liger-kernel)"
+        ) from None
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)

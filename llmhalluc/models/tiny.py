@@ -97,12 +97,11 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # Token ids only: a base model carries no sampling or length defaults that would override a harness's own.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=64,
-        do_sample=False,
     )
     return model
 

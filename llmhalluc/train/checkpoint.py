@@ -12,6 +12,7 @@ import yaml
 from accelerate import Accelerator
 
 from llmhalluc.config import Config
+from llmhalluc.data.batching import GlobalBatchSampler
 from llmhalluc.errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -30,6 +31,11 @@ RUN_IDENTITY_KEYS = (
     "max_samples",
     "abstention_answer",
     "seed",
+    "backtrack_token",
+    "mask_backtracked",
+    "backtrack_position_ids",
+    "mix_strategy",
+    "interleave_probs",
 )
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -48,6 +54,8 @@ class TrainerState:
     global_batch_size: int = 0
     steps_per_epoch: int = 0
     nonfinite_steps: int = 0
+    num_processes: int = 0  # 0: a checkpoint written before this was recorded
+    train_seconds: float = 0.0  # time spent in training steps (not evaluation or saving)
 
     def write(self, folder: Path) -> None:
         """Save as folder/trainer_state.json."""
@@ -101,8 +109,19 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
-def check_same_run(checkpoint: Path, config: Config, global_batch: int) -> None:
-    """A checkpoint resumes only the run it came from: same model, data, data order and global batch."""
+def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint to resume from; an error if output_dir holds another run and no resume was asked for."""
+    if resume_from_checkpoint is None and (checkpoint_steps(output_dir) or (output_dir / "metrics.jsonl").exists()):
+        raise UserError(
+            f"output_dir {output_dir} already holds a run: set resume_from_checkpoint: latest (or auto) to "
+            "continue it, or choose another output_dir"
+        )
+    return resolve_resume(resume_from_checkpoint, output_dir)
+
+
+def check_same_run(checkpoint: Path, config: Config, sampler: GlobalBatchSampler, num_processes: int) -> None:
+    """A checkpoint resumes only the run it came from: same model, data, data order, global batch, epoch length
+    and process count."""
     saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
     current = config.to_flat_dict()
     problems = [
@@ -111,8 +130,28 @@ def check_same_run(checkpoint: Path, config: Config, global_batch: int) -> None:
         if saved.get(key) != current[key]
     ]
     state = TrainerState.read(checkpoint)
-    if state.global_batch_size != global_batch:
-        problems.append(f"global batch: checkpoint has {state.global_batch_size}, this run has {global_batch}")
+    training = config.training
+    if state.global_batch_size != sampler.global_batch:
+        micro = training.per_device_train_batch_size * num_processes
+        hint = (
+            f" (gradient_accumulation_steps={state.global_batch_size // micro} gives it with "
+            f"per_device_train_batch_size {training.per_device_train_batch_size} on {num_processes} processes)"
+            if state.global_batch_size % micro == 0
+            else ""
+        )
+        problems.append(
+            f"global batch: checkpoint has {state.global_batch_size}, this run has {sampler.global_batch}{hint}"
+        )
+    elif state.steps_per_epoch != sampler.steps_per_epoch:
+        problems.append(
+            f"steps per epoch: checkpoint has {state.steps_per_epoch}, this run has {sampler.steps_per_epoch} (the "
+            "data changed under the same dataset names, so the epoch would be split differently)"
+        )
+    if state.num_processes and state.num_processes != num_processes:
+        problems.append(
+            f"processes: the checkpoint was written by {state.num_processes}, this run has {num_processes} (optimizer "
+            f"shards and per-rank RNG states are per process): resume with {state.num_processes} processes"
+        )
     if problems:
         raise UserError(f"{checkpoint} belongs to a different run: " + "; ".join(problems))
 

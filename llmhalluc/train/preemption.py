@@ -5,9 +5,6 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-import torch
-from accelerate import Accelerator
-
 # The exit code of a run stopped by a preemption signal after saving a checkpoint: "requeue me".
 PREEMPTED_EXIT_CODE = 85
 PREEMPTED_MARKER = "PREEMPTED"
@@ -30,10 +27,10 @@ class PreemptionWatch:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any rank was signalled; a collective every rank calls at the same optimizer step."""
-        flag = torch.tensor(0.0 if self.received is None else 1.0, device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+    def flag(self) -> float:
+        """1.0 once this rank was signalled: summed across ranks in each optimizer step's first collective, so every
+        rank learns at the same step whether any rank must stop."""
+        return 0.0 if self.received is None else 1.0
 
     def restore(self) -> None:
         """Put the previous handlers back."""

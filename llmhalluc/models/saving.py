@@ -1,0 +1,59 @@
+"""Saving a trained model in Hugging Face format: weights, config, a generation config that stops where a turn
+ends, and the tokenizer with its chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmhalluc.data.chat import end_of_turn_ids
+from llmhalluc.train.dist import zero_stage
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids generation stops on: the tokenizer's eos and the chat template's end-of-turn token(s)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + [i for i in end_of_turn_ids(tokenizer) if i not in ids]
+
+
+def generation_config_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The model's own generation config with the template's end-of-turn tokens added to eos_token_id (a Llama-3
+    base model trained on the llama3 template must stop at <|eot_id|>, not only at <|end_of_text|>), and no
+    sampling or length defaults it did not have."""
+    config = model.generation_config
+    given = config.eos_token_id
+    ids = [] if given is None else [given] if isinstance(given, int) else list(given)
+    ids += [i for i in stop_token_ids(tokenizer) if i not in ids]
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def save_pretrained_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, **kwargs: Any
+) -> None:
+    """save_pretrained of model (weights from kwargs' state_dict when given) and tokenizer, with the stop tokens."""
+    model.generation_config = generation_config_for(model, tokenizer)
+    model.config.use_cache = True
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    tokenizer.save_pretrained(folder)
+
+
+def save_final_model(
+    accelerator: Accelerator, model: Any, tokenizer: PreTrainedTokenizerBase, output_dir: Path
+) -> None:
+    """The full weights in output_dir. Under ZeRO-3 they are gathered from the shards on every rank (a
+    collective); otherwise only the writing rank materialises them, so no other rank holds a second copy."""
+    state_dict = None
+    if zero_stage(accelerator) == 3 or accelerator.is_main_process:
+        state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        # torch.compile's wrapper prefixes every key; the saved model must load into the plain architecture.
+        state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        save_pretrained_model(unwrapped, tokenizer, output_dir, state_dict=state_dict)
+    accelerator.wait_for_everyone()

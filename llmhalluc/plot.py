@@ -1,0 +1,104 @@
+"""Loss plots from metrics.jsonl: `python -m llmhalluc.plot OUTPUT_DIR [OUTPUT_DIR ...] [-o FILE]`.
+
+One run, or several on the same axes for comparison (labelled by run name): train loss (raw and smoothed), eval
+loss, learning rate and grad norm against the optimizer step. Training writes output_dir/loss.png at every
+checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+SMOOTHING = 0.6  # exponential moving average weight of the smoothed train loss (debiased, as TensorBoard's)
+PANELS = (("loss", "train loss"), ("eval_loss", "eval loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"))
+
+
+def read_series(output_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) per metric of a run's metrics.jsonl, plus the smoothed train loss."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for key, _ in PANELS:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+        series[key] = ([s for s, _ in points], [v for _, v in points])
+    steps, losses = series["loss"]
+    smoothed, average = [], 0.0
+    for count, loss in enumerate(losses, start=1):
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        smoothed.append(average / (1 - SMOOTHING**count))
+    series["loss_smoothed"] = (steps, smoothed)
+    return series
+
+
+def run_name(output_dir: Path) -> str:
+    """A run's label: run_name from its config.yaml, else the folder name."""
+    import yaml
+
+    config_file = output_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+    return (config or {}).get("run_name") or output_dir.resolve().name
+
+
+def plot_runs(output_dirs: list[Path], out_file: Path) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Draw the runs into out_file (PNG); returns the data drawn, per run label and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: written to a file
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    for folder in output_dirs:
+        label = run_name(folder)
+        drawn[label if label not in drawn else str(folder)] = read_series(folder)  # two runs named alike
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for axis, (key, title) in zip(axes.flat, PANELS):
+        for label, series in drawn.items():
+            steps, values = series[key]
+            if key == "loss":
+                line = axis.plot(steps, values, alpha=0.3, linewidth=1)[0]
+                axis.plot(*series["loss_smoothed"], color=line.get_color(), label=f"{label} (smoothed)")
+            elif steps:
+                axis.plot(steps, values, marker="o" if key == "eval_loss" else None, markersize=3, label=label)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_file, dpi=100)
+    plt.close(figure)
+    return drawn
+
+
+def write_loss_plot(output_dir: Path) -> dict[str, Any] | None:
+    """output_dir/loss.png for one run; a failure to plot is reported, never raised (training goes on)."""
+    try:
+        return plot_runs([output_dir], output_dir / "loss.png")
+    except Exception as err:
+        print(f"warning: could not write {output_dir / 'loss.png'}: {err}", flush=True)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: compare runs in one figure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dirs", nargs="+", type=Path)
+    parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: OUTPUT_DIR/loss.png, or compare.png)")
+    args = parser.parse_args(argv)
+    for folder in args.output_dirs:
+        if not (folder / "metrics.jsonl").is_file():
+            print(f"error: {folder / 'metrics.jsonl'} not found", file=sys.stderr)
+            return 2
+    out = args.output or (args.output_dirs[0] / "loss.png" if len(args.output_dirs) == 1 else Path("compare.png"))
+    drawn = plot_runs(args.output_dirs, out)
+    points = ", ".join(f"{label}: {len(series['loss'][0])} train rows" for label, series in drawn.items())
+    print(f"wrote {out} ({points})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""What the loop is fed: the training DataLoader in seeded global batches, its layout, and the evaluation set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
+from torch.utils.data import DataLoader
+
+from llmhalluc.config import Config, DataConfig
+from llmhalluc.data.batching import (
+    GlobalBatchSampler,
+    PackedCollator,
+    PackedRows,
+    PaddedCollator,
+    PaddingFreeCollator,
+    pack_rows,
+    packing_efficiency,
+)
+from llmhalluc.data.pipeline import DatasetStats, column, prepare_dataset
+from llmhalluc.errors import UserError
+from llmhalluc.train.dist import data_preparation_turns
+
+LAYOUTS = ("padded", "padding_free", "packed")
+
+
+def batch_layout(data: DataConfig, attention: str, on_gpu: bool, compiled: bool) -> str:
+    """How micro-batches are laid out: packed rows when asked; else padding-free where the attention path keeps
+    examples apart exactly and fast (flash-attention varlen on GPU, per-example sdpa on CPU) unless the config says
+    otherwise; else padded."""
+    if data.packing:
+        return "packed"
+    if data.padding_free is not None:
+        return "padding_free" if data.padding_free else "padded"
+    if on_gpu:
+        return "padding_free" if attention.startswith("flash_attention") else "padded"
+    return "padding_free" if attention == "sdpa" and not compiled else "padded"
+
+
+@dataclass
+class TrainData:
+    """The training DataLoader, its sampler, the batch layout, and what the run summary says about the data."""
+
+    loader: DataLoader
+    sampler: GlobalBatchSampler
+    layout: str
+    stats: DatasetStats
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator, layout: str) -> TrainData:
+    """Tokenized training data as padded or padding-free micro-batches of sequences, or packed rows, in seeded
+    global batches for this rank."""
+    data, training = config.data, config.training
+    examples, stats = prepare_dataset(
+        data.dataset, data, tokenizer, training.seed, partial(data_preparation_turns, accelerator)
+    )
+    accelerator.print(stats.summary("train"))
+    lengths = column(examples, "length").tolist()
+    examples = examples.select_columns(model_columns(examples))
+    summary: dict[str, Any] = {"train_data": stats.to_dict(), "batch_layout": layout}
+    sources = len(data.dataset)
+    if layout == "packed":
+        bins = pack_rows(lengths, data.max_length, data.packing_strategy, training.seed)
+        efficiency = packing_efficiency(lengths, bins, data.max_length)
+        summary["packing"] = {"rows": len(bins), "efficiency": round(efficiency, 4)}
+        accelerator.print(
+            f"packing: {len(lengths)} examples into {len(bins)} rows of {data.max_length} "
+            f"({len(lengths) / len(bins):.1f} examples per row), efficiency {efficiency:.1%}; "
+            "per_device_train_batch_size counts rows"
+        )
+        items, collate = (
+            PackedRows(examples, bins),
+            PackedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of, sources),
+        )
+    elif layout == "padding_free":
+        items, collate = examples, PaddingFreeCollator(tokenizer.pad_token_id, sources)
+    else:
+        items, collate = examples, PaddedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of, sources)
+    sampler = GlobalBatchSampler(
+        len(items),
+        training.per_device_train_batch_size,
+        training.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        training.seed,
+    )
+    if sampler.steps_per_epoch == 0:
+        what = "packed rows" if layout == "packed" else "examples"
+        raise UserError(
+            f"the training set has {len(items)} {what}, fewer than one global batch of {sampler.global_batch} "
+            f"(per_device_train_batch_size {training.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{training.gradient_accumulation_steps} x {accelerator.num_processes} processes): lower the batch size "
+            "or add data"
+        )
+    workers = data.dataloader_num_workers
+    if workers is None:  # overlap collation with compute on GPU; on CPU the cores are busy computing
+        workers = 2 if torch.cuda.is_available() else 0
+    loader = DataLoader(
+        items,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator, so iterating never consumes the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(training.seed),
+    )
+    summary["dataloader_num_workers"] = workers
+    return TrainData(loader, sampler, layout, stats, summary)
+
+
+def model_columns(dataset: datasets.Dataset) -> list[str]:
+    """The columns a batch is built from."""
+    return [name for name in ("input_ids", "labels", "position_ids", "source") if name in dataset.column_names]
+
+
+def prepare_eval_set(config: Config, tokenizer: Any, accelerator: Accelerator) -> tuple[Any, DatasetStats] | None:
+    """The tokenized evaluation examples (every eval dataset, concatenated) and their stats, or None."""
+    if not config.data.eval_dataset:
+        return None
+    eval_set, stats = prepare_dataset(
+        config.data.eval_dataset,
+        config.data,
+        tokenizer,
+        config.training.seed,
+        partial(data_preparation_turns, accelerator),
+        mix=False,
+    )
+    return eval_set.select_columns(model_columns(eval_set)), stats
+
+
+def accumulation_windows(
+    loader: DataLoader, sampler: GlobalBatchSampler, start_step: int, accumulation: int
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(epoch, the micro-batches of one optimizer step), forever, starting at optimizer step `start_step`."""
+    epoch, done = divmod(start_step, sampler.steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        epoch_loader = skip_first_batches(loader, done * accumulation) if done else loader
+        micro_batches = iter(epoch_loader)
+        for _ in range(sampler.steps_per_epoch - done):
+            yield epoch, [next(micro_batches) for _ in range(accumulation)]
+        epoch, done = epoch + 1, 0
