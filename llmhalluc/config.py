@@ -182,8 +182,19 @@ class RunConfig:
     logging_steps: int = option(10, "Optimizer steps between metric rows.", minimum=1)
     eval_steps: int | None = option(None, "Optimizer steps between evaluations (needs eval_dataset).", minimum=1)
     save_steps: int | None = option(None, "Optimizer steps between checkpoints; null = final model only.", minimum=1)
-    save_total_limit: int | None = option(None, "Keep only this many newest checkpoints.", minimum=1)
-    resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir.")
+    save_total_limit: int | None = option(
+        None,
+        "Keep only this many newest checkpoints (they stay after the run; the final model is separate).",
+        minimum=1,
+    )
+    save_only_model: bool = option(
+        False,
+        "Checkpoints hold only the model (a loadable Hugging Face folder), no optimizer, scheduler or RNG state: "
+        "a third of the disk, but a run cannot resume from them.",
+    )
+    resume_from_checkpoint: str | None = option(
+        None, "A checkpoint folder; 'latest' (the newest in output_dir, an error if none); 'auto' (latest if any)."
+    )
     report_to: list[str] = option(help="Trackers: none or wandb.", default_factory=lambda: ["none"])
     run_name: str | None = option(None, "Run name for wandb; default: the output_dir's name.")
     wandb_project: str = option("llmhalluc", "wandb project.")

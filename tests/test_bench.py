@@ -1,4 +1,6 @@
-"""The benchmark's launcher and metrics parsing, run on CPU with the tiny model (the GPU suite uses the same code)."""
+"""The GPU check (scripts/gpu_check.sh -> bench/gpu_check.py) runs its CPU-runnable sections for real: attention on
+packed and padding-free rows, one-step loss without DeepSpeed / ZeRO-2 / ZeRO-3, host reads in the micro-step, and
+the throughput launcher and metrics parser the GPU suite uses (2-process ZeRO-2 and ZeRO-3 with the tiny model)."""
 
 from __future__ import annotations
 
@@ -6,29 +8,24 @@ import json
 
 import pytest
 
-from bench.run import gsm8k_chats, launch_throughput, write_chats
+from bench.gpu_check import main as gpu_check
 
 pytestmark = pytest.mark.slow
 
 
-def test_launch_throughput_parses_a_real_two_process_zero3_run(tmp_path, tiny_model_dir):
-    write_chats(tmp_path / "data", gsm8k_chats(64))
-    out = tmp_path / "run"
-    result = launch_throughput(
-        tiny_model_dir,
-        tmp_path / "data",
-        out,
-        "cpu_zero3.yaml",
-        2,
-        ["max_length=1024", "per_device_train_batch_size=1", "max_steps=6", "logging_steps=2", "bf16=false"],
-    )
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    # The last row only: 2 steps after the warm-up rows, both ranks' tokens over its measured seconds.
-    seconds = rows[2]["step_time"] * 2
-    assert result["steps"] == 2
-    assert result["tokens_per_second_per_gpu"] == pytest.approx(rows[2]["tokens"] / seconds / 2)
-    assert result["trained_tokens_per_second_per_gpu"] == pytest.approx(rows[2]["trained_tokens"] / seconds / 2)
-    assert result["mfu"] is None and result["peak_memory_gb"] is None  # GPU-only metrics
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["zero_stage"] == 3 and summary["batch_layout"] == "packed"
+def test_gpu_check_cpu_sections(tmp_path, capsys):
+    assert gpu_check(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-cpu.json")
+    results = json.loads(path.read_text())
+    assert {(r["attention"], r["layout"]) for r in results["attention"]} == {
+        (attention, layout) for attention in ("sdpa", "eager") for layout in ("packed", "padding_free")
+    }
+    assert all(r["max_abs_logit_difference"] < 1e-4 for r in results["attention"])
+    losses = results["precision"]["loss"]
+    assert set(losses) == {"single", "zero2", "zero3"} and results["precision"]["max_relative_loss_difference"] < 1e-5
+    assert results["host_syncs"] == {"micro_steps": 30, "found": {"padding_free": [], "padded": []}, "ok": True}
+    for stage in ("zero2", "zero3"):
+        run = results["throughput"][stage]
+        assert run["steps"] == 2 and run["tokens_per_second_per_gpu"] > 0  # 6 steps, rows of 2, first 2 rows warm-up
+        assert run["mfu"] is None and run["peak_memory_gb"] is None  # GPU-only metrics
+    assert "| one-step loss" in capsys.readouterr().out

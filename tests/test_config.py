@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,35 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_yaml_dump_of_defaults_has_every_key():
     config = build_config(MINIMAL)
     assert set(yaml.safe_load(config.to_yaml())) == set(all_fields())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "message"),
+    [
+        (
+            ["model_name_or_path=some-org/no-such-model"],
+            {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens on port 9
+            "model_name_or_path: 'some-org/no-such-model' is not a local folder, and it is not in the local cache "
+            "and the hub (http://127.0.0.1:9) cannot be reached",
+        ),
+        (
+            ["dataset=gsm8k"],
+            {"HF_HUB_OFFLINE": "1"},
+            "dataset 'gsm8k': 'openai/gsm8k' is not a local folder, and HF_HUB_OFFLINE is set and it is not in the "
+            "local cache",
+        ),
+    ],
+    ids=["unreachable-model", "offline-dataset"],
+)
+def test_a_hub_name_that_cannot_be_had_fails_fast_with_one_line(tmp_path, tiny_model_dir, overrides, env, message):
+    out = tmp_path / "out"
+    started = time.time()
+    result = run_sft(
+        ["configs/demo.yaml", f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", *overrides],
+        expect_code=2,
+        env=env,
+    )
+    assert time.time() - started < 10
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"error: {message}: download it first")
+    assert "Retrying" not in result.stdout + result.stderr and not out.exists()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
+from bench.gpu_check import HostReadRecorder
 from llmhalluc.data import IGNORE_INDEX, tokenize_chat
 from llmhalluc.data.batching import PackedCollator, PaddedCollator, PaddingFreeCollator
 from llmhalluc.train.loss import cross_entropy_sum
@@ -58,40 +58,6 @@ def test_loss_per_source_adds_up_to_the_loss_and_matches_a_reference(tiny_model_
                 for s in range(3)
             ]
             assert batch["source_counts"] == counts
-
-
-# Calls that make the host wait for the device when their tensor lives on a GPU.
-HOST_READS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.__bool__,
-    torch.Tensor.__int__,
-    torch.Tensor.__float__,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-    torch.Tensor.masked_select,
-    torch.masked_select,
-    torch.Tensor.unique,
-    torch.unique,
-}
-
-
-class HostReadRecorder(TorchFunctionMode):
-    """Records every call that would read a device value on the host: .item(), .tolist(), bool(), nonzero,
-    masked_select, unique, and indexing with a boolean tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.calls.append(getattr(func, "__qualname__", repr(func)))
-        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
-            index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
-                self.calls.append(f"{func.__name__} with a boolean mask")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -202,7 +202,19 @@ def test_checkpoint_of_another_run_is_refused_naming_the_keys(tmp_path, tiny_mod
     assert "max_length: checkpoint has 512, this run has 256" in result.stderr
     assert "seed: checkpoint has 11, this run has 12" in result.stderr
     result = run_sft([*args, "per_device_train_batch_size=1"], expect_code=2)
-    assert "global batch: checkpoint has 4, this run has 2" in result.stderr
+    assert (
+        "global batch: checkpoint has 4, this run has 2 (gradient_accumulation_steps=4 gives it with "
+        "per_device_train_batch_size 1 on 1 processes)" in result.stderr
+    )
+    # The same dataset name with more rows: the epoch would be cut differently.
+    grown = tmp_path / "grown"
+    write_chats(grown, "chats", demo_chats(56))
+    result = run_sft([*args, f"dataset_dir={grown}"], expect_code=2)
+    assert "steps per epoch: checkpoint has 12, this run has 14 (the data changed" in result.stderr
+    # Another process count at the same global batch: named, with what to do.
+    result = run_sft([*args, "gradient_accumulation_steps=1"], accelerate_config="cpu_ddp.yaml", expect_code=1)
+    assert "processes: the checkpoint was written by 1, this run has 2" in result.stderr
+    assert "resume with 1 processes" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [newest.name]  # nothing written
 
 

@@ -269,8 +269,14 @@ def test_same_config_twice_gives_the_same_metrics_and_wandb_offline_records_them
     args = [*eight["base"], "max_steps=4", "per_device_train_batch_size=2", "report_to=wandb"]
     first, second = tmp_path / "first", tmp_path / "second"
     run_sft([*args, f"output_dir={first}"], env={"WANDB_MODE": "offline"})
-    # The saved config reproduces the run (into another folder: the first one is never overwritten).
-    run_sft([str(first / "config.yaml"), f"output_dir={second}"], env={"WANDB_MODE": "offline"})
+    # The saved config reproduces the run (into another folder: the first one is never overwritten); WANDB_DIR,
+    # when set, is where wandb writes.
+    wandb_dir = tmp_path / "local-disk"
+    wandb_dir.mkdir()
+    run_sft(
+        [str(first / "config.yaml"), f"output_dir={second}"], env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
+    )
+    assert list((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb")) and not (second / "wandb").exists()
     timing = {"tokens_per_second", "trained_tokens_per_second", "step_time", "eval_time"}
     strip = [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(first)]
     assert strip == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(second)]
@@ -323,6 +329,23 @@ def test_metrics_rows_and_final_model(tmp_path, eight):
     assert model.config.use_cache is True
     saved = yaml_safe_load(out / "config.yaml")
     assert saved["max_steps"] == 6 and saved["logging_steps"] == 2
+    # A checkpoint of a one-process run also loads as a model: config, generation config and tokenizer beside it.
+    checkpoint = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6")
+    assert AutoTokenizer.from_pretrained(out / "checkpoint-6").chat_template == read_builtin_template("qwen")
+    for name, value in checkpoint.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_save_only_model_checkpoints_are_models_and_no_run_resumes_from_them(tmp_path, eight):
+    out = tmp_path / "out"
+    args = [*eight["base"], "max_steps=2", "per_device_train_batch_size=4", "save_steps=1", f"output_dir={out}"]
+    run_sft([*args, "save_only_model=true"])
+    saved = sorted(path.name for path in (out / "checkpoint-2").iterdir())
+    assert "model.safetensors" in saved and "optimizer.bin" not in saved and "random_states_0.pkl" not in saved
+    final, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(final[k], checkpoint[k]) for k in final)
+    result = run_sft([*args, "save_only_model=true", "max_steps=3", "resume_from_checkpoint=latest"], expect_code=2)
+    assert "was saved with save_only_model: true (weights only" in result.stderr
 
 
 def test_existing_run_in_output_dir_is_not_overwritten(tmp_path, eight):

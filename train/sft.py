@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed would warn on every rank that it picked the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from llmhalluc.config import load_config
 from llmhalluc.errors import Diverged, UserError
 from llmhalluc.train.preemption import Preempted

@@ -12,6 +12,7 @@ import datasets
 
 from llmhalluc.data.converters import CONVERTERS
 from llmhalluc.errors import DataError
+from llmhalluc.hub import check_hub_name
 
 INFO_FILE = "dataset_info.json"
 
@@ -189,6 +190,7 @@ def _tags(where: str, entry: dict, formatting: str) -> dict:
 def load_raw_dataset(spec: DatasetSpec, seed: int = 0) -> datasets.Dataset:
     """The rows of `spec` as a datasets.Dataset, with num_samples applied."""
     if spec.source == "hf_hub":
+        check_hub_name(f"dataset {spec.name!r}", spec.location, kind="dataset")
         try:
             dataset = datasets.load_dataset(spec.location, name=spec.subset, split=spec.split, data_dir=spec.folder)
         except Exception as err:

@@ -12,6 +12,7 @@ from llmhalluc.config import ModelConfig
 from llmhalluc.data.chat import chat_template_of
 from llmhalluc.data.templates import BUILTIN_TEMPLATES, read_builtin_template
 from llmhalluc.errors import UserError
+from llmhalluc.hub import check_hub_name
 
 
 def resolve_template(template: str) -> str:
@@ -32,6 +33,7 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with the chat template to train with and a pad token."""
     if model.template is not None:
         template = resolve_template(model.template)  # checked before the (possibly slow) tokenizer download
+    check_hub_name("model_name_or_path", model.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
     except OSError as err:

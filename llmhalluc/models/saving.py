@@ -33,6 +33,16 @@ def generation_config_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     return config
 
 
+def save_model_metadata(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """config.json, generation_config.json (with the stop tokens) and the tokenizer, without weights."""
+    training_value = model.config.use_cache
+    model.config.use_cache = True  # off while training; a loaded model generates with its cache
+    model.config.save_pretrained(folder)
+    model.config.use_cache = training_value
+    generation_config_for(model, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def save_pretrained_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, **kwargs: Any
 ) -> None:

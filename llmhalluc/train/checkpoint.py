@@ -7,6 +7,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from accelerate import Accelerator
@@ -109,6 +110,16 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
+def check_resumable(checkpoint: Path) -> None:
+    """A checkpoint saved with save_only_model holds no optimizer state, so no run resumes from it exactly."""
+    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+    if saved.get("save_only_model"):
+        raise UserError(
+            f"{checkpoint} was saved with save_only_model: true (weights only, no optimizer, scheduler or RNG "
+            "state), so training cannot resume from it exactly; load it as a model (model_name_or_path) instead"
+        )
+
+
 def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
     """The checkpoint to resume from; an error if output_dir holds another run and no resume was asked for."""
     if resume_from_checkpoint is None and (checkpoint_steps(output_dir) or (output_dir / "metrics.jsonl").exists()):
@@ -157,26 +168,40 @@ def check_same_run(checkpoint: Path, config: Config, sampler: GlobalBatchSampler
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, state: TrainerState, save_total_limit: int | None, config: Config
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: TrainerState,
+    config: Config,
+    model: Any,
+    tokenizer: Any,
 ) -> Path:
-    """Save model, optimizer, scheduler, RNG and trainer state as output_dir/checkpoint-<step>; all ranks call it."""
+    """Save output_dir/checkpoint-<step>; all ranks call it. It holds the model's config, generation config and
+    tokenizer (loadable as a model where the weights are plain: one process or DDP), and either the whole training
+    state (model, optimizer, scheduler, every rank's RNG, trainer_state.json) or, with save_only_model, the model
+    alone in Hugging Face format."""
+    from llmhalluc.models.saving import save_final_model, save_model_metadata
+
     final = output_dir / f"checkpoint-{state.step}"
     staging = output_dir / f"tmp-checkpoint-{state.step}"
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    if config.run.save_only_model:
+        save_final_model(accelerator, model, tokenizer, staging)
+    else:
+        accelerator.save_state(str(staging))
     if accelerator.is_main_process:
         state.write(staging)
         (staging / CONFIG_FILE).write_text(config.to_yaml())
+        save_model_metadata(accelerator.unwrap_model(model), tokenizer, staging)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the checkpoint is declared complete
     if accelerator.is_main_process:
         (staging / COMPLETE_MARKER).write_text("")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        if save_total_limit is not None:
-            for _, old in checkpoint_steps(output_dir)[:-save_total_limit]:
+        if config.run.save_total_limit is not None:
+            for _, old in checkpoint_steps(output_dir)[: -config.run.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -28,7 +28,13 @@ from llmhalluc.models.attention import use_packed_sdpa
 from llmhalluc.models.loading import load_dtype, load_model, load_tokenizer, resolve_attention
 from llmhalluc.models.saving import save_final_model
 from llmhalluc.plot import write_loss_plot
-from llmhalluc.train.checkpoint import TrainerState, check_output_dir, check_same_run, save_checkpoint
+from llmhalluc.train.checkpoint import (
+    TrainerState,
+    check_output_dir,
+    check_resumable,
+    check_same_run,
+    save_checkpoint,
+)
 from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks
 from llmhalluc.train.feed import accumulation_windows, batch_layout, build_train_loader, prepare_eval_set
 from llmhalluc.train.loss import causal_lm_of, cross_entropy_sum
@@ -46,6 +52,8 @@ def train(config: Config) -> Path:
     output_dir = Path(run.output_dir)
     set_seed(training.seed)
     resume_dir = check_output_dir(output_dir, run.resume_from_checkpoint)  # before the (long) data preparation
+    if resume_dir is not None:
+        check_resumable(resume_dir)
     tokenizer = load_tokenizer(model_config)
     on_gpu = accelerator.device.type == "cuda"
     attention = resolve_attention(model_config)
@@ -139,7 +147,7 @@ def train(config: Config) -> Path:
                 evaluation = evaluate(model, eval_data[0], tokenizer, accelerator, config, loss_options)
                 logger.log({"step": state.step, **evaluation, "eval_time": time.perf_counter() - started})
             if saving or stopping:
-                save_checkpoint(accelerator, output_dir, state, run.save_total_limit, config)
+                save_checkpoint(accelerator, output_dir, state, config, model, tokenizer)
                 if accelerator.is_main_process:
                     write_loss_plot(output_dir)
             if stopping:

@@ -118,14 +118,15 @@ def _start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) 
         "name": config.run.run_name or output_dir.name,
         "id": run_id,
         "resume": "allow",
-        "dir": str(output_dir),
+        # WANDB_DIR, when set, decides (users point it at local disk when output_dir is on a network filesystem).
+        "dir": os.environ.get("WANDB_DIR") or str(output_dir),
         "config": {**config.to_flat_dict(), **run_summary},
         "settings": wandb.Settings(init_timeout=60, silent=True),
     }
     try:
         return wandb.init(**init)
     except Exception as err:  # no network or no login: keep training, keep the run on disk
-        print(f"warning: wandb could not start online ({err}); logging offline to {output_dir}/wandb", flush=True)
+        print(f"warning: wandb could not start online ({err}); logging offline to {init['dir']}/wandb", flush=True)
         return wandb.init(**init, mode="offline")
 
 
