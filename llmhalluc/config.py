@@ -74,7 +74,30 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     torch_compile: bool = option(False, "Compile the model with torch.compile (inductor, dynamic shapes).")
     use_liger_kernel: bool = option(
-        False, "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only; pip install liger-kernel)."
+        False,
+        "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU, and its fused linear cross-entropy (CUDA only; pip "
+        "install liger-kernel).",
+    )
+    add_special_tokens: list[str] = option(
+        help="Special tokens to add (a list or comma-separated): never split, stripped or normalised.",
+        default_factory=list,
+    )
+    add_tokens: list[str] = option(help="Ordinary (non-special) tokens to add.", default_factory=list)
+    new_special_tokens_config: str | None = option(
+        None,
+        "YAML file mapping new special tokens to descriptions (relative to the config file); the descriptions drive "
+        "desc_init.",
+    )
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
+        "noise_init",
+        "New rows: mean of the original vocabulary's rows + seeded noise N(0, 1/sqrt(hidden)); or the mean of the "
+        "description's token rows (desc_init), plus the same noise (desc_init_w_noise).",
+    )
+    resize_vocab_to_multiple_of: int | None = option(
+        None,
+        "When new ids do not fit the embedding matrix, grow it to a multiple of this; null = the model's own padding "
+        "(the largest power of two up to 128 dividing its rows).",
+        minimum=1,
     )
 
 
@@ -189,8 +212,8 @@ class RunConfig:
     )
     save_only_model: bool = option(
         False,
-        "Checkpoints hold only the model (a loadable Hugging Face folder), no optimizer, scheduler or RNG state: "
-        "a third of the disk, but a run cannot resume from them.",
+        "Checkpoints hold only the model (a loadable Hugging Face folder), without optimizer, scheduler or RNG "
+        "state (AdamW keeps two moments per weight), so a run cannot resume from them.",
     )
     resume_from_checkpoint: str | None = option(
         None, "A checkpoint folder; 'latest' (the newest in output_dir, an error if none); 'auto' (latest if any)."
@@ -236,6 +259,11 @@ def all_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     return owners
 
 
+# Path keys resolved relative to the config file that sets them (like base:), and saved absolute, so that
+# output_dir/config.yaml still finds them.
+RELATIVE_TO_FILE = ("new_special_tokens_config",)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML experiment config (following `base:`), apply key=value overrides, validate."""
     values, sources = _read_yaml_with_bases(Path(path), seen=())
@@ -243,6 +271,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, value = parse_override(override)
         values[key] = value
         sources[key] = "command line"
+    for key in RELATIVE_TO_FILE:
+        if isinstance(values.get(key), str) and values[key]:
+            folder = Path(sources[key]).parent if sources[key] != "command line" else Path.cwd()
+            values[key] = str((folder / values[key]).resolve())
     return build_config(values, sources)
 
 

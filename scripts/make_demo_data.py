@@ -158,6 +158,41 @@ def main() -> None:
     corpus_path.write_text("\n".join(corpus) + "\n", encoding="utf-8")
     print(f"wrote {len(train)} train and {len(evaluation)} eval chats, samples, and {corpus_path}")
 
+    # After everything above, with its own generator, so the files above (and the tiny tokenizer) never change.
+    backtrack_rng = random.Random(4321)
+    write_jsonl(data / "demo_backtrack.jsonl", [backtrack_chat(backtrack_rng) for _ in range(480)])
+    write_jsonl(data / "demo_backtrack_eval.jsonl", [backtrack_chat(backtrack_rng) for _ in range(48)])
+    print("wrote 480 train and 48 eval backtrack chats")
+
+
+BACKTRACK = "<|BACKTRACK|>"
+
+
+def backtrack_chat(rng: random.Random) -> dict:
+    """A word problem whose worked answer writes a wrong number, takes it back with one backtrack token per token of
+    the error (in the tiny tokenizer's tokens), and writes the right one; a third have no error, some two."""
+    from llmhalluc.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer("chatml")
+    question, answer, n = problem(rng)
+    errors = rng.choice([0, 1, 1, 2])
+    worked = answer.rsplit("\n#### ", 1)[0]
+    # An error is " <number>" right after "=" or "####": a token of its own that starts with the space, taken back
+    # whole, so the text after the backtracks reads "= <right number>".
+    if errors:
+        unit = "$" if f"= ${n}" in worked else ""
+        head, _, tail = worked.rpartition(f"= {unit}{n}")
+        near = n + rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = str(near if near > 0 else n + 10) if rng.random() < 0.7 else str(rng.randint(1000, 99999))
+        worked = f"{head}={retracted(tokenizer, f' {unit}{wrong}')} {unit}{n}{tail}"
+    final = f"####{retracted(tokenizer, f' {n + 1}') if errors == 2 else ''} {n}"
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{worked}\n{final}"}]}
+
+
+def retracted(tokenizer, error: str) -> str:
+    """The error followed by as many backtrack tokens as it has tokens."""
+    return error + BACKTRACK * len(tokenizer(error, add_special_tokens=False)["input_ids"])
+
 
 if __name__ == "__main__":
     main()

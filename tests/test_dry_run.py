@@ -21,3 +21,20 @@ def test_dry_run_marks_trained_tokens_and_writes_nothing(tmp_path, tiny_model_di
     assert "dry run: nothing was trained or written" in text
     assert not out.exists()
     assert "Loading weights" not in result.stderr
+
+
+def test_dry_run_shows_new_tokens_backtrack_statistics_and_masked_errors(tmp_path, tiny_model_dir):
+    result = run_sft(
+        [
+            "configs/demo_backtrack.yaml",
+            "--dry-run",
+            f"model_name_or_path={tiny_model_dir}",
+            f"output_dir={tmp_path / 'out'}",
+        ]
+    )
+    text = result.stdout
+    assert "new tokens: <|BACKTRACK|> -> 761 (initialised with noise_init)" in text
+    assert "train: backtracks examples_with_backtracks=359, runs=481, tokens=822, masked=822, clamped=0" in text
+    # An error is shown apart from both the prompt and the trained tokens; its backtracks are trained.
+    assert "=]]{{ " in text and "}}[[<|BACKTRACK|>" in text
+    assert not (tmp_path / "out").exists()

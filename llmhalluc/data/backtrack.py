@@ -14,7 +14,7 @@ training tokenizer:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100
 
@@ -54,6 +54,7 @@ class BacktrackStats:
     tokens: int = 0  # backtrack tokens inside assistant spans
     masked: int = 0  # tokens set to -100 (0 unless masking is on)
     clamped: int = 0  # runs with fewer tokens before them in their span than backtracks
+    masked_positions: list[int] = field(default_factory=list)  # where the labels became -100
 
 
 def mask_backtracked(
@@ -72,6 +73,7 @@ def mask_backtracked(
             if mask:
                 labels[begin:run_start] = [IGNORE_INDEX] * (run_start - begin)
                 stats.masked += run_start - begin
+                stats.masked_positions.extend(range(begin, run_start))
     return stats
 
 

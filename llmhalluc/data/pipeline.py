@@ -236,6 +236,7 @@ def output_schema(options: TokenizeOptions) -> pa.Schema:
         fields["position_ids"] = pa.list_(pa.int32())
     if options.backtrack_id is not None:
         fields.update(dict.fromkeys(BACKTRACK_COLUMNS, pa.int32()))
+        fields["backtrack_masked_positions"] = pa.list_(pa.int32())  # for --dry-run's marking
     return pa.schema(fields)
 
 
@@ -309,10 +310,12 @@ def _process_batch(
         if "backtrack_runs" in out:
             for name in BACKTRACK_COLUMNS:
                 out[name].append(getattr(labeled.backtrack, name.removeprefix("backtrack_")))
+            limit = len(labeled.input_ids)
+            out["backtrack_masked_positions"].append([i for i in labeled.backtrack.masked_positions if i < limit])
     # Typed Arrow columns: datasets' own conversion of nested Python lists (type inference and checks per
     # value) cost more than tokenizing; token ids fit int32 and halve the cache.
     columns = {
-        name: _int32_lists(values) if name in ("input_ids", "labels", "position_ids") else pa.array(values, type)
+        name: _int32_lists(values) if pa.types.is_list(type) else pa.array(values, type)
         for (name, values), type in zip(out.items(), schema.types)
     }
     return pa.table(columns, schema=schema)

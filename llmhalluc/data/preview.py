@@ -12,26 +12,45 @@ from llmhalluc.data.batching import pack_rows, packing_efficiency
 from llmhalluc.data.chat import IGNORE_INDEX
 from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.models.loading import load_tokenizer
+from llmhalluc.models.tokens import add_tokens
 
-GREEN, RESET = "\033[32m", "\033[0m"
+# How a token is shown: trained, masked as a backtracked error (input, never a target), or neither.
+MARKS = {"trained": (("\033[32m", "\033[0m"), ("[[", "]]")), "error": (("\033[31;9m", "\033[0m"), ("{{", "}}"))}
 
 
-def mark_trained(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int], colour: bool) -> str:
-    """The example's text with trained tokens in green (colour) or between [[ and ]] (plain)."""
-    opening, closing = (GREEN, RESET) if colour else ("[[", "]]")
-    pieces, run, trained = [], [], None
-    for token, label in zip(input_ids, labels):
-        is_trained = label != IGNORE_INDEX
-        if run and is_trained != trained:
-            text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            pieces.append(f"{opening}{text}{closing}" if trained else text)
+def mark_trained(
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[int],
+    labels: list[int],
+    colour: bool,
+    masked_errors: frozenset[int] = frozenset(),
+) -> str:
+    """The example's text with trained tokens in green or between [[ and ]], and backtracked errors that masked SFT
+    keeps out of the loss in red strike-through or between {{ and }} (plain text when not on a terminal)."""
+
+    def kind(position: int) -> str | None:
+        if labels[position] != IGNORE_INDEX:
+            return "trained"
+        return "error" if position in masked_errors else None
+
+    pieces, run, current = [], [], None
+    for position, token in enumerate(input_ids):
+        if run and kind(position) != current:
+            pieces.append(_marked(tokenizer, run, current, colour))
             run = []
         run.append(token)
-        trained = is_trained
+        current = kind(position)
     if run:
-        text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        pieces.append(f"{opening}{text}{closing}" if trained else text)
+        pieces.append(_marked(tokenizer, run, current, colour))
     return "".join(pieces)
+
+
+def _marked(tokenizer: PreTrainedTokenizerBase, tokens: list[int], kind: str | None, colour: bool) -> str:
+    text = tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if kind is None:
+        return text
+    opening, closing = MARKS[kind][0 if colour else 1]
+    return f"{opening}{text}{closing}"
 
 
 def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> None:
@@ -39,7 +58,15 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
     out = out or sys.stdout
     colour = out.isatty()
     tokenizer = load_tokenizer(config.model)
+    new_tokens = add_tokens(tokenizer, config)
     print(f"config:\n{config.to_yaml()}", file=out)
+    if new_tokens.ids or new_tokens.existing:
+        added = ", ".join(f"{t} -> {i}" for t, i in new_tokens.ids.items()) or "none"
+        print(
+            f"new tokens: {added} (initialised with {new_tokens.init}); already in the vocabulary: "
+            f"{', '.join(new_tokens.existing) or 'none'}",
+            file=out,
+        )
     splits = [("train", config.data.dataset)] + (
         [("eval", config.data.eval_dataset)] if config.data.eval_dataset else []
     )
@@ -53,9 +80,15 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
             print(
                 f"train: packing {len(lengths)} examples into {len(bins)} rows, efficiency {efficiency:.1%}", file=out
             )
-        for index in range(min(examples, len(dataset))):
+        shown = list(range(min(examples, len(dataset))))
+        if "backtrack_runs" in dataset.column_names:  # show examples that have backtracks, where masks differ
+            with_runs = [int(i) for i in (column(dataset, "backtrack_runs") > 0).nonzero()[0][: examples - 1]]
+            shown = sorted({0, *with_runs})
+            print(f"{split}: trained tokens [[...]], backtracked errors kept out of the loss {{{{...}}}}", file=out)
+        for index in shown:
             row = dataset[index]
-            marked = mark_trained(tokenizer, row["input_ids"], row["labels"], colour)
+            errors = frozenset(row.get("backtrack_masked_positions") or [])
+            marked = mark_trained(tokenizer, row["input_ids"], row["labels"], colour, errors)
             print(f"--- {split} example {index} ({row['length']} tokens, {row['trained']} trained) ---", file=out)
             print(marked, file=out)
     print("dry run: nothing was trained or written", file=out)

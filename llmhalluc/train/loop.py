@@ -27,6 +27,7 @@ from llmhalluc.errors import Diverged
 from llmhalluc.models.attention import use_packed_sdpa
 from llmhalluc.models.loading import load_dtype, load_model, load_tokenizer, resolve_attention
 from llmhalluc.models.saving import save_final_model
+from llmhalluc.models.tokens import add_tokens, embed_new_tokens
 from llmhalluc.plot import write_loss_plot
 from llmhalluc.train.checkpoint import (
     TrainerState,
@@ -55,6 +56,7 @@ def train(config: Config) -> Path:
     if resume_dir is not None:
         check_resumable(resume_dir)
     tokenizer = load_tokenizer(model_config)
+    new_tokens = add_tokens(tokenizer, config)  # before the data: a new token is one token wherever it appears
     on_gpu = accelerator.device.type == "cuda"
     attention = resolve_attention(model_config)
     layout = batch_layout(config.data, attention, on_gpu, model_config.torch_compile)
@@ -69,6 +71,8 @@ def train(config: Config) -> Path:
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     model = load_model(model_config, attention, load_dtype(accelerator.mixed_precision == "bf16", deepspeed))
+    embed_new_tokens(model, tokenizer, new_tokens, training.seed, model_config.resize_vocab_to_multiple_of)
+    train_data.summary["new_tokens"] = new_tokens.summary()
     if layout != "padded" and attention == "sdpa" and not on_gpu and not model_config.torch_compile:
         use_packed_sdpa(model)  # per-example causal sdpa: 2.6x faster on CPU than a block mask over the row
     attention = model.config._attn_implementation
