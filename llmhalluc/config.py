@@ -30,7 +30,6 @@ FOREIGN_KEYS = {
     "fp16": "fp16 is not supported; use bf16",
     "stage": "llmhalluc only does supervised fine-tuning",
     "do_train": "train/sft.py always trains",
-    "finetuning_type": "llmhalluc does full fine-tuning",
     "val_size": "name a held-out set with eval_dataset",
     "overwrite_cache": "the cache is keyed by every setting that changes the data",
     "model_name": "use model_name_or_path",
@@ -92,6 +91,23 @@ class ModelConfig:
         "noise_init",
         "New rows: mean of the original vocabulary's rows + seeded noise N(0, 1/sqrt(hidden)); or the mean of the "
         "description's token rows (desc_init), plus the same noise (desc_init_w_noise).",
+    )
+    finetuning_type: Literal["full", "lora"] = option("full", "Train every weight, or LoRA adapters (with PEFT).")
+    lora_rank: int = option(8, "LoRA rank r.", minimum=1)
+    lora_alpha: int | None = option(None, "LoRA alpha; null = 2 x lora_rank.", minimum=1)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", minimum=0.0)
+    lora_target: list[str] = option(
+        help="Modules LoRA wraps: all (every linear layer but the output head) or their names (q_proj, v_proj, ...).",
+        default_factory=lambda: ["all"],
+    )
+    additional_target: list[str] = option(
+        help="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", default_factory=list
+    )
+    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA.")
+    adapter_name_or_path: str | None = option(None, "An existing LoRA adapter of this model to keep training.")
+    merge: bool = option(
+        False, "After LoRA training, also write base + adapter merged into output_dir/merged (loads without peft)."
     )
     resize_vocab_to_multiple_of: int | None = option(
         None,
@@ -331,9 +347,16 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append(f"warmup_ratio must be below 1, got {training.warmup_ratio}")
     if data.train_on_prompt and data.mask_history:
         problems.append("train_on_prompt and mask_history contradict each other: set at most one")
+    if config.model.lora_dropout >= 1.0:
+        problems.append(f"lora_dropout must be below 1, got {config.model.lora_dropout}")
     for beta in ("adam_beta1", "adam_beta2"):
         if getattr(training, beta) >= 1.0:
             problems.append(f"{beta} must be below 1, got {getattr(training, beta)}")
+    model = config.model
+    lora_only = {"adapter_name_or_path": model.adapter_name_or_path, "merge": model.merge}
+    for key, value in lora_only.items():
+        if value and model.finetuning_type != "lora":
+            problems.append(f"{key} is set but finetuning_type is {model.finetuning_type}: use finetuning_type: lora")
     if (data.mask_backtracked or data.backtrack_position_ids) and not data.backtrack_token:
         wanted = "mask_backtracked" if data.mask_backtracked else "backtrack_position_ids"
         problems.append(f"{wanted} needs backtrack_token (the token that deletes the one before it)")

@@ -3,13 +3,16 @@ ends, and the tokenizer with its chat template."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from llmhalluc.config import Config
 from llmhalluc.data.chat import end_of_turn_ids
+from llmhalluc.models.tokens import NewTokens
 from llmhalluc.train.dist import zero_stage
 
 
@@ -54,10 +57,19 @@ def save_pretrained_model(
 
 
 def save_final_model(
-    accelerator: Accelerator, model: Any, tokenizer: PreTrainedTokenizerBase, output_dir: Path
+    accelerator: Accelerator,
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    config: Config,
+    new_tokens: NewTokens | None = None,
 ) -> None:
-    """The full weights in output_dir. Under ZeRO-3 they are gathered from the shards on every rank (a
-    collective); otherwise only the writing rank materialises them, so no other rank holds a second copy."""
+    """The trained model in output_dir: the full weights, or with LoRA the adapter (and, with merge, base + adapter
+    in output_dir/merged). Under ZeRO-3 weights are gathered from the shards on every rank (a collective);
+    otherwise only the writing rank materialises them, so no other rank holds a second copy."""
+    if config.model.finetuning_type == "lora":
+        save_adapter(accelerator, model, tokenizer, output_dir, config, new_tokens or NewTokens())
+        return
     state_dict = None
     if zero_stage(accelerator) == 3 or accelerator.is_main_process:
         state_dict = accelerator.get_state_dict(model)
@@ -67,3 +79,35 @@ def save_final_model(
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         save_pretrained_model(unwrapped, tokenizer, output_dir, state_dict=state_dict)
     accelerator.wait_for_everyone()
+
+
+def save_adapter(
+    accelerator: Accelerator,
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    config: Config,
+    new_tokens: NewTokens,
+) -> None:
+    """The LoRA adapter (and new-token rows) with PEFT's save_pretrained, gathered whole under ZeRO-3, never empty
+    or partial; the tokenizer; and, with merge, the merged standalone model."""
+    from llmhalluc.models.lora import merge_adapter, write_adapter_metadata
+
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    trainable = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
+    gather = zero_stage(accelerator) == 3
+    with _gathered([p for _, p in trainable]) if gather else contextlib.nullcontext():
+        state = {n: p.detach().cpu().clone() for n, p in trainable} if accelerator.is_main_process else {}
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir, state_dict=state)
+        tokenizer.save_pretrained(output_dir)
+        write_adapter_metadata(output_dir, config.model.model_name_or_path, new_tokens.rows_after, new_tokens)
+        if config.model.merge:
+            merge_adapter(output_dir, output_dir / "merged", tokenizer)
+    accelerator.wait_for_everyone()
+
+
+def _gathered(parameters: list) -> Any:
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters)

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from llmhalluc.config import Config
 from llmhalluc.data.batching import GlobalBatchSampler
@@ -37,6 +38,14 @@ RUN_IDENTITY_KEYS = (
     "backtrack_position_ids",
     "mix_strategy",
     "interleave_probs",
+    "add_special_tokens",
+    "add_tokens",
+    "new_special_tokens_config",
+    "init_special_tokens",
+    "finetuning_type",
+    "lora_rank",
+    "lora_target",
+    "additional_target",
 )
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -108,6 +117,35 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     if not (path / COMPLETE_MARKER).is_file():
         raise UserError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
     return path
+
+
+def save_training_state(accelerator: Accelerator, model: Any, folder: Path, lora: bool) -> None:
+    """accelerator.save_state; with LoRA only the trainable weights are stored (the base is the base model's)."""
+    if not lora:
+        accelerator.save_state(str(folder))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.save_state(str(folder), exclude_frozen_parameters=True)
+    else:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+
+        def keep_trainable(models: list, weights: list, output_dir: str) -> None:
+            weights[:] = [{k: v for k, v in w.items() if k in trainable} for w in weights]
+
+        hook = accelerator.register_save_state_pre_hook(keep_trainable)
+        try:
+            accelerator.save_state(str(folder))
+        finally:
+            hook.remove()
+
+
+def load_training_state(accelerator: Accelerator, folder: Path, lora: bool) -> None:
+    """accelerator.load_state; a LoRA checkpoint holds only the trainable weights, so the rest stays as loaded."""
+    if not lora:
+        accelerator.load_state(str(folder))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.load_state(str(folder), load_module_strict=False)
+    else:
+        accelerator.load_state(str(folder), strict=False)
 
 
 def check_resumable(checkpoint: Path) -> None:
@@ -187,13 +225,16 @@ def save_checkpoint(
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     if config.run.save_only_model:
-        save_final_model(accelerator, model, tokenizer, staging)
+        save_final_model(accelerator, model, tokenizer, staging, config)
     else:
-        accelerator.save_state(str(staging))
+        save_training_state(accelerator, model, staging, lora=config.model.finetuning_type == "lora")
     if accelerator.is_main_process:
         state.write(staging)
         (staging / CONFIG_FILE).write_text(config.to_yaml())
-        save_model_metadata(accelerator.unwrap_model(model), tokenizer, staging)
+        if config.model.finetuning_type == "lora":
+            tokenizer.save_pretrained(staging)  # the adapter's training state; the base stays the base model's
+        else:
+            save_model_metadata(accelerator.unwrap_model(model), tokenizer, staging)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the checkpoint is declared complete
     if accelerator.is_main_process:
         (staging / COMPLETE_MARKER).write_text("")

@@ -26,6 +26,7 @@ from llmhalluc.data.batching import PaddedCollator, eval_batches
 from llmhalluc.errors import Diverged
 from llmhalluc.models.attention import use_packed_sdpa
 from llmhalluc.models.loading import load_dtype, load_model, load_tokenizer, resolve_attention
+from llmhalluc.models.lora import parameter_counts, wrap_lora
 from llmhalluc.models.saving import save_final_model
 from llmhalluc.models.tokens import add_tokens, embed_new_tokens
 from llmhalluc.plot import write_loss_plot
@@ -34,6 +35,7 @@ from llmhalluc.train.checkpoint import (
     check_output_dir,
     check_resumable,
     check_same_run,
+    load_training_state,
     save_checkpoint,
 )
 from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks
@@ -42,7 +44,7 @@ from llmhalluc.train.loss import causal_lm_of, cross_entropy_sum
 from llmhalluc.train.metrics import MetricsLogger, StepResult, WindowMeter, flops_model_of
 from llmhalluc.train.optim import build_optimizer
 from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
-from llmhalluc.train.summary import RunRecord, final_metrics, report, run_summary
+from llmhalluc.train.summary import RunRecord, final_metrics, how_to_load, report, run_summary
 
 
 def train(config: Config) -> Path:
@@ -73,6 +75,9 @@ def train(config: Config) -> Path:
     model = load_model(model_config, attention, load_dtype(accelerator.mixed_precision == "bf16", deepspeed))
     embed_new_tokens(model, tokenizer, new_tokens, training.seed, model_config.resize_vocab_to_multiple_of)
     train_data.summary["new_tokens"] = new_tokens.summary()
+    if model_config.finetuning_type == "lora":
+        model = wrap_lora(model, model_config, new_tokens, training.seed)
+    train_data.summary["parameters"] = parameter_counts(model)
     if layout != "padded" and attention == "sdpa" and not on_gpu and not model_config.torch_compile:
         use_packed_sdpa(model)  # per-example causal sdpa: 2.6x faster on CPU than a block mask over the row
     attention = model.config._attn_implementation
@@ -105,7 +110,7 @@ def train(config: Config) -> Path:
         num_processes=accelerator.num_processes,
     )
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        load_training_state(accelerator, resume_dir, lora=model_config.finetuning_type == "lora")
         state = TrainerState.read(resume_dir)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     logger = MetricsLogger(config, output_dir, accelerator.is_main_process, total_steps, state.step, record.summary)
@@ -159,7 +164,7 @@ def train(config: Config) -> Path:
                 stop_for_preemption(accelerator, output_dir, state, watch)
             logger.advance()
         watch.restore()
-        save_final_model(accelerator, model, tokenizer, output_dir)
+        save_final_model(accelerator, model, tokenizer, output_dir, config, new_tokens)
         status = "finished"
     except BaseException as err:
         if status == "failed":
@@ -171,7 +176,8 @@ def train(config: Config) -> Path:
             final = final_metrics(output_dir, state.train_seconds, state.trained_tokens_seen, state.step)
             record.finish(status, final)
             write_loss_plot(output_dir)
-            print(report(status, record, final, output_dir, saved=status == "finished"), flush=True)
+            load = how_to_load(config) if status == "finished" else None
+            print(report(status, record, final, output_dir, load), flush=True)
         # The DeepSpeed engine is torn down while the process group still exists, on every path out: left to the
         # garbage collector at interpreter exit, its cleanup can run after the group is gone (a ZeRO-3 rank once
         # aborted there). DeepSpeed's own order: engine, then group.

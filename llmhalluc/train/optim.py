@@ -23,7 +23,7 @@ class OptimizerSetup:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and undecayed biases and normalization weights."""
+    """AdamW groups of the trainable parameters: decayed weights, and undecayed biases and normalization weights."""
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower():
@@ -32,10 +32,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
         if name.endswith("bias"):
             no_decay.add(id(param))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": weight_decay},
         {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
     ]
+    # An empty group (LoRA trains no norm weight) would be dropped by DeepSpeed and desynchronise the schedule.
+    return [group for group in groups if group["params"]]
 
 
 def warmup_steps_for(training: TrainingConfig, total_steps: int) -> int:

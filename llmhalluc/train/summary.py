@@ -106,7 +106,18 @@ def final_metrics(output_dir: Path, train_seconds: float, trained_tokens: int, s
     return final
 
 
-def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Path, saved: bool) -> str:
+def how_to_load(config: Config) -> str:
+    """The line of the final report that says how to use the result."""
+    if config.model.finetuning_type == "lora":
+        merged = " (merged: output_dir/merged, a plain model)" if config.model.merge else ""
+        return (
+            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({config.model.model_name_or_path!r}), "
+            f"path){merged}; or python -m llmhalluc.merge path OUT"
+        )
+    return "AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)"
+
+
+def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Path, load: str | None) -> str:
     """The block printed when a run ends: what it achieved and where the model is."""
     lines = [f"run {status}: {final.get('steps', 0)} steps in {time.time() - record.started:.0f} s wall time"]
     if "train_loss" in final:
@@ -120,11 +131,9 @@ def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Pa
         lines.append(f"  trained tokens/s  {final['trained_tokens_per_second']:,.0f}")
     for key in sorted(k for k in final if k.startswith("gen/")):
         lines.append(f"  {key}  {final[key]:.4f}")
-    if saved:
+    if load is not None:
         lines.append(f"  model             {output_dir.resolve()}")
-        lines.append(
-            "  load it with      AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)"
-        )
+        lines.append(f"  load it with      {load}")
     lines.append(f"  metrics           {output_dir / METRICS_FILE}, plot {output_dir / 'loss.png'}")
     return "\n".join(lines)
 
