@@ -239,7 +239,32 @@ class RunConfig:
     wandb_project: str = option("llmhalluc", "wandb project.")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "run": RunConfig}
+@dataclass
+class GenerationEvalConfig:
+    """Generation evaluation: settings of train/eval.py and of the evaluation during training."""
+
+    max_new_tokens: int = option(512, "Longest generation, in tokens.", minimum=1)
+    temperature: float = option(0.0, "Sampling temperature; 0 = greedy decoding.", minimum=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass (with temperature > 0).", minimum=0.0, exclusive=True)
+    generation_batch_size: int = option(8, "Prompts per generation batch per process.", minimum=1)
+    engine: Literal["hf", "vllm"] = option(
+        "hf", "Generation engine: transformers' generate, or vLLM (GPU, standalone)."
+    )
+    generation_eval_steps: int | None = option(
+        None, "Optimizer steps between generation evaluations during training (and at the end); null = none.", minimum=1
+    )
+    generation_eval_samples: int = option(
+        64, "Examples per eval dataset generated during training (a fixed, seeded subset).", minimum=1
+    )
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "run": RunConfig,
+    "generation": GenerationEvalConfig,
+}
 
 
 @dataclass
@@ -250,6 +275,7 @@ class Config:
     data: DataConfig
     training: TrainingConfig
     run: RunConfig
+    generation: GenerationEvalConfig
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The flat key -> value mapping a YAML config file holds."""
@@ -343,6 +369,10 @@ def _cross_checks(config: Config) -> list[str]:
     data, training, run = config.data, config.training, config.run
     if run.eval_steps is not None and not data.eval_dataset:
         problems.append("eval_steps is set but eval_dataset is empty: name an eval dataset or drop eval_steps")
+    if config.generation.generation_eval_steps is not None and not data.eval_dataset:
+        problems.append("generation_eval_steps is set but eval_dataset is empty: name an eval dataset")
+    if config.generation.top_p > 1.0:
+        problems.append(f"top_p must be at most 1, got {config.generation.top_p}")
     if training.warmup_ratio >= 1.0:
         problems.append(f"warmup_ratio must be below 1, got {training.warmup_ratio}")
     if data.train_on_prompt and data.mask_history:

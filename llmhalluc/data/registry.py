@@ -34,6 +34,7 @@ ENTRY_KEYS = {
     "columns",
     "tags",
     "converter",
+    "metric",
 }
 LF_COLUMN_KEYS = {
     "prompt",
@@ -83,6 +84,7 @@ class DatasetSpec:
     folder: str | None = None
     num_samples: int | None = None
     columns_given: bool = False
+    metric: str | None = None  # (ours) how train/eval.py scores generations; None: chosen by the converter
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -119,6 +121,9 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
     columns = _columns(where, entry, formatting, converter, CONVERTERS[converter].columns)
     tags = _tags(where, entry, formatting)
     source, location = _source(where, entry, Path(dataset_dir))
+    metric = entry.get("metric")
+    if metric is not None and metric not in ("gsm8k", "squad_v2", "exact_match"):
+        raise DataError(f"{where}: unknown metric {metric!r}; known: gsm8k, squad_v2, exact_match")
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
@@ -135,6 +140,7 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
         folder=entry.get("folder"),
         num_samples=num_samples,
         columns_given="columns" in entry,
+        metric=metric,
     )
 
 

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from llmhalluc.config import Config
 from llmhalluc.data.batching import PaddedCollator, eval_batches
 from llmhalluc.errors import Diverged
+from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows
 from llmhalluc.models.attention import use_packed_sdpa
 from llmhalluc.models.loading import load_dtype, load_model, load_tokenizer, resolve_attention
 from llmhalluc.models.lora import parameter_counts, wrap_lora
@@ -67,6 +68,8 @@ def train(config: Config) -> Path:
     eval_data = prepare_eval_set(config, tokenizer, accelerator)
     if eval_data is not None:
         train_data.summary["eval_data"] = eval_data[1].to_dict()
+    generation = config.generation
+    prompts = load_eval_sets(config, generation.generation_eval_samples) if generation.generation_eval_steps else []
     total_steps = training.max_steps or math.ceil(training.num_train_epochs * sampler.steps_per_epoch)
     if resume_dir is not None:
         check_same_run(resume_dir, config, sampler, accelerator.num_processes)
@@ -155,6 +158,10 @@ def train(config: Config) -> Path:
                 started = time.perf_counter()
                 evaluation = evaluate(model, eval_data[0], tokenizer, accelerator, config, loss_options)
                 logger.log({"step": state.step, **evaluation, "eval_time": time.perf_counter() - started})
+            if prompts and (state.step % generation.generation_eval_steps == 0 or last):
+                started = time.perf_counter()
+                results = evaluate_generations(model, tokenizer, config, accelerator, prompts, progress=False)
+                logger.log({"step": state.step, **metric_rows(results), "gen_time": time.perf_counter() - started})
             if saving or stopping:
                 save_checkpoint(accelerator, output_dir, state, config, model, tokenizer)
                 if accelerator.is_main_process:

@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from llmhalluc.config import Config
 
 METRICS_FILE = "metrics.jsonl"
+# Generation metrics shown on the console (every one goes to metrics.jsonl and wandb).
+HEADLINE_METRICS = ("accuracy_strict", "/f1", "exact_match", "abstention_rate", "hallucination_rate")
 
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity), matched against the CUDA
 # device name in this order (a name like "NVIDIA H100 PCIe" must not match the SXM entry, "L40S" not "L4").
@@ -59,7 +61,7 @@ class MetricsLogger:
         _drop_rows_after(self.path, start_step)  # a resumed run rewrites what came after its checkpoint
         self.file = self.path.open("a", encoding="utf-8")
         if "wandb" in config.run.report_to:
-            self.wandb_run = _start_wandb(config, output_dir, run_summary)
+            self.wandb_run = start_wandb(config, output_dir, run_summary)
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -78,6 +80,9 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         shown = {k: row[k] for k in ("loss", "eval_loss", "lr", "grad_norm") if k in row}
+        shown |= {
+            k: v for k, v in row.items() if k.startswith("gen/") and k.endswith(HEADLINE_METRICS) and v is not None
+        }
         text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(text)
@@ -106,7 +111,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) -> Any:
+def start_wandb(config: Config, output_dir: Path, run_summary: dict[str, Any]) -> Any:
     """A wandb run that resumes across restarts of the same output_dir; never blocks training on the network."""
     import wandb
 

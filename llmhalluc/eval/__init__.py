@@ -1,0 +1,1 @@
+"""Generation evaluation: metrics, references, generation and the evaluation run."""

@@ -1,0 +1,91 @@
+"""`train/eval.py CONFIG`: generation evaluation of a trained model (full or LoRA adapter) or any model, on the
+config's eval datasets, in one process or data-parallel under accelerate launch (ZeRO-3 keeps the model sharded)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import DistributedType
+
+from llmhalluc.config import Config
+from llmhalluc.errors import UserError
+from llmhalluc.eval.generation import check_engine
+from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows, results_table
+from llmhalluc.models.loading import load_model, load_tokenizer, resolve_attention
+from llmhalluc.train.dist import build_accelerator, quiet_other_ranks
+
+SAMPLE_ROWS = 20  # predictions per dataset shown in the wandb table
+
+
+def evaluated_model(config: Config) -> Path | str:
+    """What to evaluate: the trained model (or adapter) in output_dir when there is one, else model_name_or_path."""
+    output_dir = Path(config.run.output_dir)
+    if is_adapter(output_dir) or ((output_dir / "config.json").is_file() and any(output_dir.glob("*.safetensors"))):
+        return output_dir
+    return config.model.model_name_or_path
+
+
+def is_adapter(path: Path | str) -> bool:
+    """Whether a folder holds a PEFT adapter."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
+    """Generate for every eval dataset, score, write output_dir/eval/<dataset>/predictions.jsonl and
+    output_dir/eval/results.json, print the table, report to wandb; returns the results."""
+    check_engine(config.generation.engine)
+    if not config.data.eval_dataset:
+        raise UserError("eval_dataset is empty: name the dataset_info.json entries to evaluate")
+    eval_sets = load_eval_sets(config)  # bad data fails here, before any model loads
+    accelerator = build_accelerator(config)
+    quiet_other_ranks(accelerator)
+    source = evaluated_model(config)
+    model_config = dataclasses.replace(config.model, model_name_or_path=str(source))
+    accelerator.print(f"evaluating {source} on {', '.join(config.data.eval_dataset)}")
+    tokenizer = load_tokenizer(model_config)
+    model = None
+    if config.generation.engine == "hf":
+        if is_adapter(source):
+            from llmhalluc.models.lora import load_adapter_model
+
+            model = load_adapter_model(Path(source), dtype="auto")
+        else:
+            model = load_model(model_config, resolve_attention(model_config))
+        model.config.use_cache = True
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            model = accelerator.prepare(model)  # ZeRO-3 keeps the weights sharded; its gathers run in generate
+        else:
+            model = model.to(accelerator.device)  # generation needs no gradient sync: no DDP wrapper
+    out_dir = Path(config.run.output_dir) / "eval"
+    results = evaluate_generations(model, tokenizer, config, accelerator, eval_sets, out_dir, str(source))
+    if accelerator.is_main_process:
+        print(results_table(results), flush=True)
+        print(f"predictions and results in {out_dir}", flush=True)
+        if "wandb" in config.run.report_to:
+            report_to_wandb(config, results, out_dir)
+    accelerator.free_memory()
+    accelerator.end_training()
+    return results
+
+
+def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    """The metrics and a table of sample predictions, in the training run's wandb run when there is one."""
+    import json
+
+    import wandb
+
+    from llmhalluc.train.metrics import start_wandb
+
+    run = start_wandb(config, Path(config.run.output_dir), {"evaluation": True})
+    run.log(metric_rows(results))
+    for name in results:
+        lines = (out_dir / name / "predictions.jsonl").read_text().splitlines()[:SAMPLE_ROWS]
+        rows = [json.loads(line) for line in lines]
+        columns = ["index", "prompt", "prediction", "references", "correct", "abstained"]
+        table = wandb.Table(
+            columns=columns, data=[[r[c] if c != "references" else " | ".join(r[c]) for c in columns] for r in rows]
+        )
+        run.log({f"eval/{name}/predictions": table})
+    run.finish()
