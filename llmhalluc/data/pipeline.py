@@ -126,17 +126,7 @@ def prepare_dataset(
             part, stats = _prepare_one(name, data, tokenizer, options, seed)
             parts.append(part.add_column("source", [index] * len(part)))
             part_stats.append(stats)
-    if len(parts) == 1:
-        dataset = parts[0]
-    elif mix and data.mix_strategy != "concat":
-        dataset = datasets.interleave_datasets(
-            parts,
-            probabilities=data.interleave_probs,
-            seed=seed,
-            stopping_strategy="first_exhausted" if data.mix_strategy == "interleave_under" else "all_exhausted",
-        )
-    else:
-        dataset = datasets.concatenate_datasets(parts)
+    dataset = mix_datasets(parts, data.mix_strategy if mix else "concat", data.interleave_probs, seed)
     stats = DatasetStats(
         rows=sum(s.rows for s in part_stats),
         dropped=sum((s.dropped for s in part_stats), Counter()),
@@ -150,6 +140,24 @@ def prepare_dataset(
             _describe(dataset.select(np.flatnonzero(sources == index)), part)
             stats.sources[name] = part
     return dataset, stats
+
+
+def mix_datasets(
+    parts: list[datasets.Dataset], strategy: str, probabilities: list[float] | None, seed: int
+) -> datasets.Dataset:
+    """The datasets concatenated, or sampled example by example with `probabilities` (seeded) as LLaMA-Factory
+    does: interleave_under stops when the first dataset runs out, interleave_over when every one has been seen
+    whole (repeating the smaller ones)."""
+    if len(parts) == 1:
+        return parts[0]
+    if strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    return datasets.interleave_datasets(
+        parts,
+        probabilities=probabilities,
+        seed=seed,
+        stopping_strategy="first_exhausted" if strategy == "interleave_under" else "all_exhausted",
+    )
 
 
 def _describe(dataset: datasets.Dataset, stats: DatasetStats) -> None:

@@ -14,6 +14,7 @@ from accelerate.data_loader import skip_first_batches
 from torch.utils.data import DataLoader
 
 from llmhalluc.config import Config, DataConfig
+from llmhalluc.data.audit import audit, audit_lines, marked_html, warnings
 from llmhalluc.data.batching import (
     GlobalBatchSampler,
     PackedCollator,
@@ -52,6 +53,7 @@ class TrainData:
     layout: str
     stats: DatasetStats
     summary: dict[str, Any] = field(default_factory=dict)
+    audit_panel: list[list[str]] = field(default_factory=list)  # [dataset, HTML] rows for wandb
 
 
 def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator, layout: str) -> TrainData:
@@ -62,9 +64,16 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         data.dataset, data, tokenizer, training.seed, partial(data_preparation_turns, accelerator)
     )
     accelerator.print(stats.summary("train"))
+    for line in audit_lines(stats, data):
+        accelerator.print(line)
+    problems = warnings(stats, data)
+    for problem in problems:
+        accelerator.print(f"warning: {problem}")
+    panel = audit_panel(examples, tokenizer, data.dataset) if accelerator.is_main_process else []
     lengths = column(examples, "length").tolist()
     examples = examples.select_columns(model_columns(examples))
     summary: dict[str, Any] = {"train_data": stats.to_dict(), "batch_layout": layout}
+    summary["mask_audit"] = {"datasets": audit(stats, data), "warnings": problems}
     sources = len(data.dataset)
     if layout == "packed":
         bins = pack_rows(lengths, data.max_length, data.packing_strategy, training.seed)
@@ -112,7 +121,17 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         generator=torch.Generator().manual_seed(training.seed),
     )
     summary["dataloader_num_workers"] = workers
-    return TrainData(loader, sampler, layout, stats, summary)
+    return TrainData(loader, sampler, layout, stats, summary, panel)
+
+
+def audit_panel(examples: datasets.Dataset, tokenizer: Any, names: list[str], per_dataset: int = 2) -> list[list[str]]:
+    """[dataset, example as HTML with its trained tokens marked], the first examples of each dataset."""
+    sources = column(examples, "source")
+    rows = []
+    for index, name in enumerate(names):
+        for position in (sources == index).nonzero()[0][:per_dataset]:
+            rows.append([name, marked_html(tokenizer, examples[int(position)])])
+    return rows
 
 
 def model_columns(dataset: datasets.Dataset) -> list[str]:

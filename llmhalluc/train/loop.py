@@ -117,6 +117,7 @@ def train(config: Config) -> Path:
         state = TrainerState.read(resume_dir)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     logger = MetricsLogger(config, output_dir, accelerator.is_main_process, total_steps, state.step, record.summary)
+    logger.log_html_table("mask_audit/examples", ["dataset", "example"], train_data.audit_panel)
     windows = accumulation_windows(train_data.loader, sampler, state.step, training.gradient_accumulation_steps)
     meter = WindowMeter(accelerator, config.data.dataset, flops)
     watch = PreemptionWatch()

@@ -88,6 +88,15 @@ class MetricsLogger:
             self.bar.set_postfix_str(text)
         tqdm.write(f"step {row['step']}: {text}", file=sys.stdout)
 
+    def log_html_table(self, name: str, columns: list[str], rows: list[list[str]]) -> None:
+        """A wandb table whose last column is HTML (e.g. examples with their trained tokens marked)."""
+        if self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=columns, data=[[*row[:-1], wandb.Html(row[-1])] for row in rows])
+        self.wandb_run.log({name: table})
+
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar."""
         if self.bar is not None:
