@@ -5,6 +5,7 @@ the turn end after reload, and bad input named."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import REPO, read_metrics, run_sft, write_chats
@@ -245,23 +246,32 @@ def test_a_turn_end_that_is_not_eos_stops_generation_after_reload(tmp_path):
     assert "exact_match | 1.0000" in result.stdout
 
 
-@pytest.mark.slow
-def test_bad_evaluation_input_exits_2_naming_it(tmp_path, tiny_model_dir):
+def test_bad_evaluation_input_is_named_before_any_model_loads(tmp_path, tiny_model_dir):
+    from llmhalluc.config import load_config
+    from llmhalluc.errors import UserError
+    from llmhalluc.eval.standalone import evaluate_model
+
     info = json.loads((REPO / "data" / "dataset_info.json").read_text())
     info["scored_oddly"] = {**info["demo_eval"], "metric": "bleu", "file_name": str(REPO / "data" / "demo_eval.jsonl")}
     info["no_answers"] = {"file_name": "no_answers.jsonl", "formatting": "openai"}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     (tmp_path / "no_answers.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    base = ["configs/demo.yaml", f"model_name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'out'}"]
+    base = [f"model_name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'out'}", f"dataset_dir={tmp_path}"]
     cases = {
-        "unknown metric 'bleu'": ["eval_dataset=scored_oddly", f"dataset_dir={tmp_path}"],
-        "has no examples with references to score (first reason: no_assistant_turn)": [
-            "eval_dataset=no_answers",
-            f"dataset_dir={tmp_path}",
-        ],
+        "unknown metric 'bleu'": ["eval_dataset=scored_oddly"],
+        "has no examples with references to score (first reason: no_assistant_turn)": ["eval_dataset=no_answers"],
         "engine: vllm needs a CUDA GPU": ["engine=vllm"],
     }
     for message, extra in cases.items():
-        result = run_eval([*base, *extra], expect_code=2)
-        assert message in result.stderr, result.stderr
+        with pytest.raises(UserError, match=re.escape(message)):
+            evaluate_model(load_config(REPO / "configs" / "demo.yaml", [*base, *extra]))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bad_evaluation_input_exits_2_with_one_line(tmp_path, tiny_model_dir):
+    result = run_eval(
+        ["configs/demo.yaml", f"model_name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "engine=vllm"],
+        expect_code=2,
+    )
+    assert result.stderr.strip() == "error: engine: vllm needs a CUDA GPU; use engine: hf on this machine"

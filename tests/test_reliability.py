@@ -42,7 +42,7 @@ def base_args(tiny_model_dir: Path, data_dir: Path) -> list[str]:
         "max_length=512",
         "per_device_train_batch_size=2",
         "gradient_accumulation_steps=2",
-        "num_train_epochs=3",
+        "num_train_epochs=2",  # 24 steps: the kills land around step 8, with room to spare
         "learning_rate=1e-3",
         "logging_steps=1",
         "save_steps=3",
@@ -111,12 +111,14 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tiny_model_dir, chats_dir) -> dict[str | None, Path]:
-    """Uninterrupted runs: 1 process and 2-process ZeRO-3."""
+    """Uninterrupted runs: 1 process and 2-process ZeRO-3. The 1-process one starts with resume_from_checkpoint:
+    auto in an empty output_dir: every resumed run compared with it shows auto started it fresh."""
     root = tmp_path_factory.mktemp("reference")
     runs = {}
-    for launch in (None, "cpu_zero3.yaml"):
+    for launch, extra in ((None, ["resume_from_checkpoint=auto"]), ("cpu_zero3.yaml", [])):
         out = root / str(launch)
-        run_sft([*base_args(tiny_model_dir, chats_dir), f"output_dir={out}"], accelerate_config=launch)
+        result = run_sft([*base_args(tiny_model_dir, chats_dir), f"output_dir={out}", *extra], accelerate_config=launch)
+        assert "resumed from" not in result.stdout
         runs[launch] = out
     return runs
 
@@ -182,12 +184,6 @@ def test_sigterm_single_process_exits_with_the_requeue_code(tmp_path, tiny_model
     step = json.loads((out / "PREEMPTED").read_text())["step"]
     assert (out / f"checkpoint-{step}" / "COMPLETE").exists()
     run_sft([*args, "resume_from_checkpoint=auto"])
-    assert_same_training(references[None], out)
-
-
-def test_auto_starts_fresh_in_an_empty_output_dir(tmp_path, tiny_model_dir, chats_dir, references):
-    out = tmp_path / "out"
-    run_sft([*base_args(tiny_model_dir, chats_dir), f"output_dir={out}", "resume_from_checkpoint=auto"])
     assert_same_training(references[None], out)
 
 
@@ -347,7 +343,7 @@ def test_one_rank_killed_like_the_oom_killer_ends_the_others(tmp_path, tiny_mode
 # --- bad input: exit code 2, one line naming the culprit, nothing written ------------------------------------
 
 
-def test_bad_input_table(tmp_path, tiny_model_dir, chats_dir):
+def test_bad_input_table(tmp_path, tiny_model_dir, chats_dir, references):
     no_template = tmp_path / "no_template"
     shutil.copytree(tiny_model_dir, no_template)
     (no_template / "chat_template.jinja").unlink()
@@ -369,8 +365,7 @@ def test_bad_input_table(tmp_path, tiny_model_dir, chats_dir):
         "long_prompts",
         [[{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]] * 4,
     )
-    ran = tmp_path / "ran"
-    run_sft([*base_args(tiny_model_dir, chats_dir), f"output_dir={ran}", "max_steps=1", "save_steps=1"])
+    ran = references[None]  # an output_dir that holds a run
     cases = {
         "max_length shorter than every prompt": (
             ["dataset=long_prompts", f"dataset_dir={tmp_path / 'data'}", "max_length=64"],
@@ -392,7 +387,7 @@ def test_bad_input_table(tmp_path, tiny_model_dir, chats_dir):
         "output_dir with another run": ([f"output_dir={ran}"], f"output_dir {ran} already holds a run"),
         "eval_steps without eval dataset": (["eval_steps=5"], "eval_steps is set but eval_dataset is empty"),
         "keys of another trainer": (
-            ["deepspeed=ds.json", "cutoff_len=512", "overwrite_output_dir=true"],
+            ["deepspeed=ds.json", "cutoff_len=512", "fsdp=full"],
             "unknown key 'deepspeed': DeepSpeed is chosen by the accelerate config",
         ),
     }
@@ -407,10 +402,7 @@ def test_bad_input_table(tmp_path, tiny_model_dir, chats_dir):
         assert "Traceback" not in result.stderr, name
         if name != "output_dir with another run":
             assert not out.exists(), name
-    foreign = run_sft(
-        [*base_args(tiny_model_dir, chats_dir), "deepspeed=x", "cutoff_len=5", "fsdp=full"], expect_code=2
-    )
-    assert foreign.stderr.count("unknown key") == 3  # every unknown key at once
+    assert result.stderr.count("unknown key") == 3  # the last case: every unknown key at once
 
 
 def test_more_processes_than_gpus_is_named():

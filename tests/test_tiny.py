@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 
 import torch
@@ -50,12 +49,10 @@ def test_every_family_tokenizer_has_its_special_tokens():
             assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, (family, token)
 
 
-def test_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "llmhalluc.models.tiny", str(tmp_path / "m"), "--template", "llama3"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "llama3 tiny model" in result.stdout
+def test_command_line(tmp_path, capsys, monkeypatch):
+    from llmhalluc.models.tiny import main
+
+    monkeypatch.setattr(sys, "argv", ["tiny", str(tmp_path / "m"), "--template", "llama3"])
+    main()
+    assert "llama3 tiny model" in capsys.readouterr().out
     assert "<|eot_id|>" in AutoTokenizer.from_pretrained(tmp_path / "m").chat_template

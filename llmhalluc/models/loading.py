@@ -94,7 +94,7 @@ def load_model(model: ModelConfig, attention: str, dtype: torch.dtype = torch.fl
     if model.use_liger_kernel:
         apply_liger_kernels(loaded)
     if model.gradient_checkpointing:
-        loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loaded.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return loaded
 
 

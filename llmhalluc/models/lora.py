@@ -122,8 +122,9 @@ def write_adapter_metadata(folder: Path, base: str, rows: int | None, new_tokens
     (folder / ADAPTER_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def load_base_for_adapter(adapter: Path, dtype: Any = "auto") -> PreTrainedModel:
+def load_base_for_adapter(adapter: Path | str, dtype: Any = "auto") -> PreTrainedModel:
     """The adapter's base model, in its own dtype, with its embeddings resized as they were in training."""
+    adapter = Path(adapter)
     record = json.loads((adapter / ADAPTER_FILE).read_text()) if (adapter / ADAPTER_FILE).is_file() else {}
     base = record.get("base_model_name_or_path") or json.loads((adapter / "adapter_config.json").read_text()).get(
         "base_model_name_or_path"
@@ -135,7 +136,7 @@ def load_base_for_adapter(adapter: Path, dtype: Any = "auto") -> PreTrainedModel
     return model
 
 
-def load_adapter_model(adapter: Path, dtype: Any = "auto") -> Any:
+def load_adapter_model(adapter: Path | str, dtype: Any = "auto") -> Any:
     """Base + adapter (PeftModel), for evaluation."""
     from peft import PeftModel
 

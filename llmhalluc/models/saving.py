@@ -99,7 +99,9 @@ def save_adapter(
     with _gathered([p for _, p in trainable]) if gather else contextlib.nullcontext():
         state = {n: p.detach().cpu().clone() for n, p in trainable} if accelerator.is_main_process else {}
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state)
+        # New tokens' rows are saved whole (PEFT's trainable_tokens "delta" holds the rows' values, copied over the
+        # base's rows when loaded), so the full embedding matrices need not travel with the adapter.
+        unwrapped.save_pretrained(output_dir, state_dict=state, save_embedding_layers=False)
         tokenizer.save_pretrained(output_dir)
         write_adapter_metadata(output_dir, config.model.model_name_or_path, new_tokens.rows_after, new_tokens)
         if config.model.merge:

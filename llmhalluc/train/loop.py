@@ -171,7 +171,6 @@ def train(config: Config) -> Path:
                 status = "preempted"
                 stop_for_preemption(accelerator, output_dir, state, watch)
             logger.advance()
-        watch.restore()
         save_final_model(accelerator, model, tokenizer, output_dir, config, new_tokens)
         status = "finished"
     except BaseException as err:
@@ -179,6 +178,7 @@ def train(config: Config) -> Path:
             record.finish("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
     finally:
+        watch.restore()
         logger.close()
         if status != "failed" and accelerator.is_main_process:
             final = final_metrics(output_dir, state.train_seconds, state.trained_tokens_seen, state.step)
