@@ -27,3 +27,14 @@ class Diverged(Exception):
     """Training stopped after too many non-finite steps in a row; exit code 3."""
 
     exit_code = 3
+
+
+def report_and_exit_code(err: BaseException) -> int:
+    """What an entry point does with an error it expects: print its one line on rank 0, return its exit code."""
+    import os
+    import sys
+
+    prefix = {"Diverged": "error", "Preempted": "preempted"}.get(type(err).__name__, "error")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+    return err.exit_code

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():  # DeepSpeed would warn on every rank that it 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from llmhalluc.config import load_config
-from llmhalluc.errors import UserError
+from llmhalluc.errors import UserError, report_and_exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
+        return report_and_exit_code(err)
     return 0
 
 

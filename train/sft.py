@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # DeepSpeed would warn on every rank that it 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from llmhalluc.config import load_config
-from llmhalluc.errors import Diverged, UserError
+from llmhalluc.errors import Diverged, UserError, report_and_exit_code
 from llmhalluc.train.preemption import Preempted
 
 
@@ -34,20 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         from llmhalluc.train.loop import train
 
         train(config)
-    except Diverged as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {stop}", file=sys.stderr, flush=True)
-        return stop.exit_code
-    except Preempted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"preempted: {stop}", file=sys.stderr, flush=True)
-        return stop.exit_code
+    except (Diverged, Preempted) as stop:
+        return report_and_exit_code(stop)
     except UserError as err:
         if args.debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
+        return report_and_exit_code(err)
     return 0
 
 

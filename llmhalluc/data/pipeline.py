@@ -31,7 +31,7 @@ from llmhalluc.data.chat import (
     stop_ids,
 )
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
-from llmhalluc.data.registry import DatasetSpec, check_columns, load_raw_dataset, resolve_dataset
+from llmhalluc.data.registry import DatasetSpec, load_rows
 from llmhalluc.errors import DataError, TemplateError
 
 DROP_HINTS = {
@@ -190,11 +190,7 @@ def _describe(dataset: datasets.Dataset, stats: DatasetStats) -> None:
 def _prepare_one(
     name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, seed: int
 ) -> tuple[datasets.Dataset, DatasetStats]:
-    spec = resolve_dataset(name, data.dataset_dir)
-    raw = load_raw_dataset(spec, seed=seed)
-    if data.max_samples is not None and len(raw) > data.max_samples:
-        raw = raw.select(range(data.max_samples))
-    check_columns(spec, raw)
+    spec, raw = load_rows(name, data.dataset_dir, seed, data.max_samples)
     convert = ConvertOptions(abstention_answer=data.abstention_answer)
     try:
         processed = raw.map(

@@ -193,6 +193,18 @@ def _tags(where: str, entry: dict, formatting: str) -> dict:
     return {tag: given.get(tag) for tag in TAG_KEYS}
 
 
+def load_rows(
+    name: str, dataset_dir: str | Path, seed: int = 0, max_samples: int | None = None
+) -> tuple[DatasetSpec, datasets.Dataset]:
+    """The entry `name` and its rows (at most max_samples, the first ones), with every mapped column checked."""
+    spec = resolve_dataset(name, dataset_dir)
+    raw = load_raw_dataset(spec, seed=seed)
+    if max_samples is not None and len(raw) > max_samples:
+        raw = raw.select(range(max_samples))
+    check_columns(spec, raw)
+    return spec, raw
+
+
 def load_raw_dataset(spec: DatasetSpec, seed: int = 0) -> datasets.Dataset:
     """The rows of `spec` as a datasets.Dataset, with num_samples applied."""
     if spec.source == "hf_hub":

@@ -9,7 +9,7 @@ from typing import Any
 
 from llmhalluc.config import DataConfig
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
-from llmhalluc.data.registry import DatasetSpec, check_columns, load_raw_dataset, resolve_dataset
+from llmhalluc.data.registry import DatasetSpec, load_rows
 from llmhalluc.errors import DataError
 from llmhalluc.eval.metrics import gsm8k_answerable
 
@@ -43,11 +43,7 @@ def metric_of(spec: DatasetSpec) -> str:
 
 def load_eval_set(name: str, data: DataConfig, seed: int = 0) -> EvalSet:
     """The eval items of a dataset_info.json entry (rows that cannot become a chat are dropped and counted)."""
-    spec = resolve_dataset(name, data.dataset_dir)
-    raw = load_raw_dataset(spec, seed=seed)
-    if data.max_samples is not None and len(raw) > data.max_samples:
-        raw = raw.select(range(data.max_samples))
-    check_columns(spec, raw)
+    spec, raw = load_rows(name, data.dataset_dir, seed, data.max_samples)
     options = ConvertOptions(abstention_answer=data.abstention_answer)
     metric = metric_of(spec)
     items, dropped = [], Counter()
