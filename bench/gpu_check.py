@@ -1,6 +1,6 @@
 """The GPU check: what CPU tests cannot show, in one command (scripts/gpu_check.sh), without hub access.
 
-    python bench/gpu_check.py              # on a GPU machine: about 6 minutes on one H100
+    python bench/gpu_check.py              # on a GPU machine (sized for a few minutes on one H100)
     python bench/gpu_check.py --cpu-smoke  # the same sections on CPU with the tiny model (tests/test_gpu_check.py)
 
 1. attention: packed rows and padding-free rows give each example the logits it gets alone, for flash_attention_2

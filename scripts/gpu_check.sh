@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (bench/gpu_check.py): attention exactness on packed and padding-free rows, one-step loss without
 # DeepSpeed / ZeRO-2 / ZeRO-3 in bf16, host syncs in the micro-step, and 1B-shape throughput (ZeRO-2, ZeRO-3, TRL).
-# No hub access. About 6 minutes on one H100; writes bench/results/<date>-<gpu>.json. Run from the repository root
+# No hub access; sized for a few minutes on one H100; writes bench/results/<date>-<gpu>.json. Run from the repository root
 # in the project's virtualenv (TRL for the comparison: pip install -r bench/requirements.txt -c constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
