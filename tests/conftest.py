@@ -88,8 +88,8 @@ def run_sft(
     return result
 
 
-def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """train/sft.py's main() in this process from the repository root, its output captured; accelerate's
+def run_in_process(args: list[str], script: str = "sft.py") -> subprocess.CompletedProcess:
+    """train/<script>'s main() in this process from the repository root, its output captured; accelerate's
     process-wide state is reset first, as a new process would have it."""
     import contextlib
     import importlib.util
@@ -100,7 +100,7 @@ def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    spec = importlib.util.spec_from_file_location("llmhalluc_sft_main", REPO / "train" / "sft.py")
+    spec = importlib.util.spec_from_file_location(f"llmhalluc_{script[:-3]}_main", REPO / "train" / script)
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     out, err = io.StringIO(), io.StringIO()
@@ -117,7 +117,7 @@ def run_in_process(args: list[str]) -> subprocess.CompletedProcess:
                 code = 1
     finally:
         os.chdir(cwd)
-    return subprocess.CompletedProcess([sys.executable, "train/sft.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([sys.executable, f"train/{script}", *args], code, out.getvalue(), err.getvalue())
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -107,11 +107,16 @@ def eval_args(tiny_model_dir, out, *extra):
 
 
 def run_eval(args, launch=None, expect_code=0):
+    """train/eval.py under accelerate launch, or (one process) its main() in this process."""
     import subprocess
     import sys
 
-    from conftest import free_port
+    from conftest import free_port, run_in_process
 
+    if launch is None:
+        result = run_in_process(args, "eval.py")
+        assert result.returncode == expect_code, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
     command = [sys.executable, str(REPO / "train" / "eval.py"), *args]
     if launch:
         command = [

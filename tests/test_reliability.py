@@ -42,7 +42,7 @@ def base_args(tiny_model_dir: Path, data_dir: Path) -> list[str]:
         "max_length=512",
         "per_device_train_batch_size=2",
         "gradient_accumulation_steps=2",
-        "num_train_epochs=2",  # 24 steps: the kills land around step 8, with room to spare
+        "num_train_epochs=3",  # 36 steps in one process, 18 in two: room after each kill
         "learning_rate=1e-3",
         "logging_steps=1",
         "save_steps=3",
@@ -124,30 +124,25 @@ def references(tmp_path_factory, tiny_model_dir, chats_dir) -> dict[str | None, 
 
 
 @pytest.mark.parametrize("launch", [None, "cpu_zero3.yaml"], ids=["1proc", "zero3"])
-def test_sigkill_mid_step_then_resume_is_exact(tmp_path, tiny_model_dir, chats_dir, references, launch):
+def test_sigkill_mid_save_then_mid_step_then_resume_is_exact(tmp_path, tiny_model_dir, chats_dir, references, launch):
     out = tmp_path / "out"
     args = [*base_args(tiny_model_dir, chats_dir), f"output_dir={out}"]
-    process = start(args, launch, tmp_path / "killed.log")
-    wait_for(lambda: logged_steps(out) >= 8)  # past the checkpoints at 3 and 6, in the middle of training
-    kill_everything(process)
-    assert (out / "checkpoint-6").is_dir() and not (out / "model.safetensors").exists()
-    run_sft([*args, "resume_from_checkpoint=latest"], accelerate_config=launch)
-    assert_same_training(references[launch], out)
-
-
-@pytest.mark.parametrize("launch", [None, "cpu_zero3.yaml"], ids=["1proc", "zero3"])
-def test_sigkill_mid_save_then_resume_is_exact(tmp_path, tiny_model_dir, chats_dir, references, launch):
-    out = tmp_path / "out"
-    args = [*base_args(tiny_model_dir, chats_dir), f"output_dir={out}"]
-    process = start(args, launch, tmp_path / "killed.log")
-    # Kill the moment the third checkpoint starts being written (checkpoints 3 and 6 are complete by then).
+    # 1. Kill the moment the third checkpoint starts being written (checkpoints 3 and 6 are complete by then).
+    process = start(args, launch, tmp_path / "killed-saving.log")
     wait_for(lambda: (out / "tmp-checkpoint-9").exists(), every=0.002)
     kill_everything(process)
     assert (out / "tmp-checkpoint-9").exists(), "the kill landed during the save"
     assert not (out / "checkpoint-9").exists()
+    # 2. Resume, and kill that run in the middle of a step, past its checkpoint at 12 (of 18 or 36 steps).
+    process = start([*args, "resume_from_checkpoint=latest"], launch, tmp_path / "killed-stepping.log")
+    wait_for(lambda: logged_steps(out) >= 14)
+    kill_everything(process)
+    log = (tmp_path / "killed-stepping.log").read_text()
+    assert "skipping incomplete checkpoint" in log and "resumed from" in log and "checkpoint-6 at step 6" in log
+    assert (out / "checkpoint-12").is_dir() and not (out / "model.safetensors").exists()
+    # 3. Resume again: the same run, bit for bit, as one never interrupted.
     result = run_sft([*args, "resume_from_checkpoint=latest"], accelerate_config=launch)
-    assert "skipping incomplete checkpoint" in result.stdout + result.stderr
-    assert "resumed from" in result.stdout and "checkpoint-6 at step 6" in result.stdout
+    assert "checkpoint-12 at step 12" in result.stdout
     assert_same_training(references[launch], out)
 
 
