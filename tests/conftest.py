@@ -69,13 +69,21 @@ def run_sft(
     expect_code: int = 0,
     timeout: int = 600,
     env: dict[str, str] | None = None,
+    fresh_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run train/sft.py: under `accelerate launch` when a config is named, in a fresh python when `env` is given,
-    else in this process (the same main(), without paying ~4 s of imports again); on an unexpected exit code, fail
-    showing every rank's output, so a flaky launch is diagnosable."""
+    """Run train/sft.py (with `env` added to the environment): under `accelerate launch` when a config is named, in
+    a fresh python when asked (code injected at start-up, compiled graphs), else in this process (the same main(),
+    without paying ~4 s of imports again); on an unexpected exit code, fail showing every rank's output, so a
+    flaky launch is diagnosable."""
     command = sft_command(args, accelerate_config)
-    if accelerate_config is None and env is None:
-        result = run_in_process(args)
+    if accelerate_config is None and not fresh_process:
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            result = run_in_process(args)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     else:
         result = subprocess.run(
             command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}

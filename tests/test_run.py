@@ -66,7 +66,7 @@ def small_run(tmp_path_factory, tiny_model_dir):
         f"output_dir: {root / 'out'}\nper_device_train_batch_size: 4\nnum_train_epochs: 2\nlearning_rate: 1.0e-3\n"
         "logging_steps: 1\neval_steps: 1\nsave_steps: 2\n"
     )
-    result = run_sft([str(config)], env=injected(root, "slow", SLOW_EVAL_AND_SAVE))
+    result = run_sft([str(config)], env=injected(root, "slow", SLOW_EVAL_AND_SAVE), fresh_process=True)
     return root / "out", result
 
 
@@ -121,7 +121,7 @@ def test_a_crashed_run_is_marked_failed_with_its_error(tmp_path, tiny_model_dir,
         "logging_steps=1",
         f"output_dir={out}",
     ]
-    result = run_sft(args, expect_code=1, env=injected(tmp_path, "crash", CRASH_AT_STEP_3))
+    result = run_sft(args, expect_code=1, env=injected(tmp_path, "crash", CRASH_AT_STEP_3), fresh_process=True)
     assert "injected failure in step 3" in result.stderr
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "failed"

@@ -195,7 +195,7 @@ def token_runs(tmp_path_factory):
     zero3 = ["per_device_train_batch_size=1", "max_steps=1"]  # its rows as initialised are what is compared
     for name, launch, extra in (("one", None, []), ("zero3", "cpu_zero3.yaml", zero3)):
         env = {"PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}", "DUMP_ROWS": str(root / f"{name}.pt")}
-        run_sft([*args, *extra, f"output_dir={root / name}"], accelerate_config=launch, env=env)
+        run_sft([*args, *extra, f"output_dir={root / name}"], accelerate_config=launch, env=env, fresh_process=True)
         runs[name] = root / name
     resumed = root / "resumed"
     resumed.mkdir()
