@@ -113,6 +113,21 @@ def test_builtin_templates_train_exactly_the_assistant(family, chat_name, marker
     assert len(untrained) + sum(label != IGNORE_INDEX for label in out["labels"]) == len(out["input_ids"])
 
 
+@pytest.mark.parametrize("family", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "inferred"])
+def test_builtin_templates_refuse_tool_calls_they_would_drop(family, markers):
+    # The built-in templates render content only: a tool-call turn would train as an empty turn.
+    template = read_builtin_template(family)
+    tokenizer = tokenizer_with(family, template if markers else without_markers(template))
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    with pytest.raises(TemplateError, match=r"assistant turn 1: the chat template does not render its tool call"):
+        tokenize_chat(tokenizer, messages)
+
+
 @pytest.mark.parametrize("chat_name", sorted(CHATS))
 @pytest.mark.parametrize("vendor", sorted(VENDOR))
 def test_vendor_templates_without_markers(vendor, chat_name):

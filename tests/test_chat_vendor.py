@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 
+import jinja2
 import pytest
 from vendor import load_vendor_tokenizer, tokenizer_folder
 
@@ -246,3 +247,25 @@ def test_mistral_v03_system_prompt_on_the_last_user_turn_fails_loudly_saying_why
     tokenizer = vendor_tokenizer("mistral_v03")
     with pytest.raises(TemplateError, match=r"move the system prompt onto the last user turn.*template: mistral"):
         tokenize_chat(tokenizer, CHATS[chat])
+
+
+@pytest.mark.parametrize("vendor", ["phi3", "olmo2", "gemma3"])
+def test_templates_without_tool_support_fail_loudly_instead_of_dropping_calls_or_results(vendor):
+    # Phi-3's and OLMo-2's templates render an assistant turn's tool_calls as nothing and drop tool messages, so
+    # training would teach an empty turn and an answer given without the tool's result.
+    tokenizer = vendor_tokenizer(vendor)
+    if vendor == "gemma3":  # Gemma's template refuses the tool role itself (the pipeline names the row)
+        with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
+            tokenize_chat(tokenizer, CHATS["tools"])
+        return
+    dropped_call = r"assistant turn 1: the chat template does not render its tool call 'get_weather'"
+    with pytest.raises(TemplateError, match=dropped_call):
+        tokenize_chat(tokenizer, CHATS["tools"])
+    result_only = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": "Let me look it up."},
+        {"role": "tool", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 °C in Paris."},
+    ]
+    with pytest.raises(TemplateError, match=r"message 2 \(tool\): the chat template drops it"):
+        tokenize_chat(tokenizer, result_only)

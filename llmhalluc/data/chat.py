@@ -14,9 +14,10 @@ spans directly. For templates without them (most vendor templates), each assista
 - the turn ends at the first end-of-turn text after its start, so whatever the template renders in between
   (content, reasoning, tool calls) is trained as rendered.
 
-Every turn's content (and reasoning) is checked to lie in its trained text; a template that drops part of it (as
-Qwen3's drops the reasoning of earlier turns) or breaks the other assumptions raises a TemplateError naming the
-turn, never a silently wrong mask. Messages may carry `training: false` (a context-only assistant turn) and
+Every turn's content, reasoning and tool-call names are checked to lie in its trained text, and every other
+message's content in the rendered chat; a template that drops part of it (as Qwen3's drops the reasoning of earlier
+turns, Phi-3's tool calls and tool results) or breaks the other assumptions raises a TemplateError naming the turn,
+never a silently wrong mask. Messages may carry `training: false` (a context-only assistant turn) and
 `training_detail` (character spans of the content not to train, axolotl's fields); backtrack tokens are handled by
 llmhalluc.data.backtrack.
 """
@@ -24,6 +25,7 @@ llmhalluc.data.backtrack.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -422,6 +424,43 @@ def _verify_contents(
     for turn, trained_text in trained.items():
         if not _holds_all(trained_text, _required_texts(messages[turn])):
             raise TemplateError(_missing_content_message(turn, messages))
+        for name in _tool_call_names(messages[turn]):
+            if name not in trained_text:
+                raise TemplateError(
+                    f"assistant turn {turn}: the chat template does not render its tool call {name!r} (templates "
+                    "without tool support, such as Phi-3's, OLMo-2's and the built-in ones, drop tool_calls), so the "
+                    "model would be trained on a turn without its call: use the model's own template if it "
+                    "renders tool calls (Qwen2.5, Qwen3, Llama-3.1, Mistral v0.3), a .jinja template that does, or "
+                    "drop these rows"
+                )
+    _verify_context(text, messages)
+
+
+def _tool_call_names(message: dict[str, Any]) -> list[str]:
+    """The function names of an assistant message's tool_calls (OpenAI's {"function": {"name": ...}} or flat)."""
+    calls = message.get("tool_calls")
+    names = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name.strip():
+            names.append(name.strip())
+    return names
+
+
+def _verify_context(text: str, messages: Messages) -> None:
+    """Every system, user and tool message is in the rendered chat: a template that drops one (Phi-3's and
+    OLMo-2's drop tool results) would train the assistant to answer without what it was shown."""
+    for index, message in enumerate(messages):
+        content = _content_of(message).strip()
+        if message["role"] == "assistant" or not content or content in text:
+            continue
+        if json.dumps(content, ensure_ascii=False)[1:-1] in text:  # rendered as a JSON string (Llama-3.1's tool role)
+            continue
+        raise TemplateError(
+            f"message {index} ({message['role']}): the chat template drops it from the rendered chat, so the "
+            f"assistant would be trained without seeing it: use a template that renders {message['role']} messages"
+        )
 
 
 def _untrain_detail(
