@@ -5,14 +5,16 @@ the throughput launcher and metrics parser the GPU suite uses (ZeRO-3 in one CPU
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from bench.gpu_check import main as gpu_check
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_gpu_check_cpu_sections(tmp_path, capsys):
     assert gpu_check(["--cpu-smoke", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-cpu.json")
@@ -29,3 +31,19 @@ def test_gpu_check_cpu_sections(tmp_path, capsys):
         assert run["steps"] == 1 and run["tokens_per_second_per_gpu"] > 0  # rows at 2, 4, 5: the first two warm up
         assert run["mfu"] is None and run["peak_memory_gb"] is None  # GPU-only metrics
     assert "| one-step loss" in capsys.readouterr().out
+
+
+def test_device_scripts_parse_and_every_carried_wheel_is_pinned():
+    # device_wheels.sh takes each version from constraints.txt: a package dropped from the pins would stop it there.
+    repo = Path(__file__).resolve().parents[1]
+    for script in ("gpu_check.sh", "device_wheels.sh"):
+        assert subprocess.run(["bash", "-n", str(repo / "scripts" / script)]).returncode == 0
+    text = (repo / "scripts" / "device_wheels.sh").read_text()
+    carried = re.search(r"WHEELS=\(([^)]*)\)", text).group(1).split()
+    pinned = {
+        re.sub(r"[-_]", "-", line.split("==")[0].lower())
+        for line in (repo / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
+    assert {"transformers", "datasets", "deepspeed", "trl"} <= set(carried)
+    assert not [name for name in carried if re.sub(r"[-_]", "-", name.lower()) not in pinned]

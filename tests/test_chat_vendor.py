@@ -251,14 +251,16 @@ def test_mistral_v03_system_prompt_on_the_last_user_turn_fails_loudly_saying_why
 
 @pytest.mark.parametrize("vendor", ["phi3", "olmo2", "gemma3"])
 def test_templates_without_tool_support_fail_loudly_instead_of_dropping_calls_or_results(vendor):
-    # Phi-3's and OLMo-2's templates render an assistant turn's tool_calls as nothing and drop tool messages, so
-    # training would teach an empty turn and an answer given without the tool's result.
+    # Phi-3's, OLMo-2's and Gemma-3's templates render an assistant turn's tool_calls as nothing, and Phi-3's and
+    # OLMo-2's drop tool messages: training would teach an empty turn and an answer given without the tool's result.
     tokenizer = vendor_tokenizer(vendor)
+    dropped_call = r"assistant turn 1: the chat template does not render its tool call 'get_weather'"
+    with pytest.raises(TemplateError, match=dropped_call):
+        tokenize_chat(tokenizer, CHATS["tools"][:2])
     if vendor == "gemma3":  # Gemma's template refuses the tool role itself (the pipeline names the row)
         with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
             tokenize_chat(tokenizer, CHATS["tools"])
         return
-    dropped_call = r"assistant turn 1: the chat template does not render its tool call 'get_weather'"
     with pytest.raises(TemplateError, match=dropped_call):
         tokenize_chat(tokenizer, CHATS["tools"])
     result_only = [
