@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 WHEELS=(transformers tokenizers datasets trl peft deepspeed dill multiprocess fsspec hjson pydantic pydantic_core
-  annotated-types typing-inspection regex)
+  annotated-types typing-inspection regex py-cpuinfo)
 pin() { # the constraints.txt line of a package, whatever its spelling of - and _
   local pattern="^${1//[-_]/[-_]}=="
   grep -iE "$pattern" constraints.txt | head -1 || { echo "$1 is not pinned in constraints.txt" >&2; exit 2; }
