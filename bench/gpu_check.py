@@ -1,7 +1,7 @@
 """The GPU check: what CPU tests cannot show, in one command (scripts/gpu_check.sh), without hub access.
 
     python bench/gpu_check.py              # on a GPU machine (sized for a few minutes on one H100)
-    python bench/gpu_check.py --cpu-smoke  # the same sections on CPU with the tiny model (tests/test_gpu_check.py)
+    python bench/gpu_check.py --cpu-smoke  # the same sections on CPU with the tiny model (tests/test_bench.py)
 
 1. attention: packed rows and padding-free rows give each example the logits it gets alone, for flash_attention_2
    (when installed) and sdpa (with llmhalluc's explicit block-diagonal mask);
@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -320,45 +321,83 @@ def main(argv: list[str] | None = None) -> int:
     tiny = write_tiny_model(work / "tiny")
     write_chats(work / "bench", gsm8k_chats(64))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "device": name,
-        "torch": torch.__version__,
-        "attention": check_attention(tokenizer, device, dtype),
-        "precision": check_precision(tiny, work / "bench", work, device),
-        "host_syncs": check_host_syncs(tokenizer, device, dtype),
-        "throughput": check_throughput(work, device, tiny),
-    }
-    failed = [r for r in results["attention"] if not r["ok"]]
-    ok = not failed and results["precision"]["ok"] and results["host_syncs"]["ok"]
-    results["ok"] = ok
-    print_table(results)
+    results: dict = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    path = args.out / f"{results['date']}-{slug}.json"
+    path = args.out / f"{results['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+    sections = {
+        "attention": lambda: check_attention(tokenizer, device, dtype),
+        "precision": lambda: check_precision(tiny, work / "bench", work, device),
+        "host_syncs": lambda: check_host_syncs(tokenizer, device, dtype),
+        "throughput": lambda: check_throughput(work, device, tiny),
+    }
+    results["seconds"] = {}
+    for section, run in sections.items():
+        started = time.perf_counter()
+        try:
+            results[section] = run()
+        except Exception as err:  # a failed section must not cost the others their (scarce) GPU time
+            results[section] = {"error": f"{type(err).__name__}: {err}"[-4000:], "ok": False}
+        results["seconds"][section] = round(time.perf_counter() - started, 1)
+        results["complete"] = section == "throughput"
+        path.write_text(json.dumps(results, indent=1) + "\n")  # after each section: a timeout keeps what ran
+    results["ok"] = section_ok(results)
     path.write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results)
     print(f"wrote {path}")
-    return 0 if ok else 1
+    return 0 if results["ok"] else 1
+
+
+def section_ok(results: dict) -> bool:
+    """Whether every exactness section passed and the throughput section ran."""
+    attention = results["attention"]
+    if isinstance(attention, dict) or not all(row["ok"] for row in attention):
+        return False
+    return results["precision"]["ok"] and results["host_syncs"]["ok"] and "error" not in results["throughput"]
 
 
 def print_table(results: dict) -> None:
-    """The check's results, one line per measurement."""
+    """The check's results, one line per measurement; a section that raised, one line with its error."""
     print(f"\nGPU check on {results['device']} (torch {results['torch']})\n")
     print("| check | result | tolerance | ok |\n| --- | --- | --- | --- |")
-    for row in results["attention"]:
+    printers = {
+        "attention": print_attention,
+        "precision": print_precision,
+        "host_syncs": print_host_syncs,
+        "throughput": print_throughput,
+    }
+    for section, print_section in printers.items():
+        value = results[section]
+        if isinstance(value, dict) and "error" in value:
+            print(f"| {section} | failed: {value['error'].strip().splitlines()[-1][:200]} | | False |")
+        else:
+            print_section(value)
+
+
+def print_attention(rows: list[dict]) -> None:
+    """Rows of section 1."""
+    for row in rows:
         print(
             f"| logits, {row['attention']} {row['layout']} vs alone | max abs diff "
             f"{row['max_abs_logit_difference']:.2e} | {row['tolerance']:.0e} | {row['ok']} |"
         )
-    precision = results["precision"]
+
+
+def print_precision(precision: dict) -> None:
+    """The row of section 2."""
     losses = ", ".join(f"{k} {v:.6f}" for k, v in precision["loss"].items())
     print(
         f"| one-step loss ({losses}) | max rel diff {precision['max_relative_loss_difference']:.2e} | "
         f"{precision['tolerance']:.0e} | {precision['ok']} |"
     )
-    syncs = results["host_syncs"]
+
+
+def print_host_syncs(syncs: dict) -> None:
+    """The row of section 3."""
     print(f"| host syncs in {syncs['micro_steps']} micro-steps | {syncs['found']} | none | {syncs['ok']} |")
-    throughput = results["throughput"]
+
+
+def print_throughput(throughput: dict) -> None:
+    """Rows of section 4."""
     for stage in [s for s in ("zero2", "zero3") if s in throughput]:
         r = throughput[stage]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

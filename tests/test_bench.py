@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import bench.gpu_check as gpu_check_module
 from bench.gpu_check import main as gpu_check
+
+SECTIONS = ("attention", "precision", "host_syncs", "throughput")
 
 
 @pytest.mark.slow
@@ -31,6 +34,28 @@ def test_gpu_check_cpu_sections(tmp_path, capsys):
         assert run["steps"] == 1 and run["tokens_per_second_per_gpu"] > 0  # rows at 2, 4, 5: the first two warm up
         assert run["mfu"] is None and run["peak_memory_gb"] is None  # GPU-only metrics
     assert "| one-step loss" in capsys.readouterr().out
+    assert results["complete"] and results["ok"] and set(results["seconds"]) == set(SECTIONS)
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    # GPU time is scarce: one section that raises (a launch failing) must not cost the rest of the check.
+    def fail(*args):
+        raise RuntimeError("the launch failed")
+
+    row = {"attention": "sdpa", "layout": "packed", "max_abs_logit_difference": 0.0, "tolerance": 1e-4, "ok": True}
+    monkeypatch.setattr(gpu_check_module, "check_attention", lambda *args: [row])
+    monkeypatch.setattr(gpu_check_module, "check_precision", fail)
+    monkeypatch.setattr(
+        gpu_check_module, "check_host_syncs", lambda *args: {"micro_steps": 30, "found": {}, "ok": True}
+    )
+    monkeypatch.setattr(gpu_check_module, "check_throughput", fail)
+    assert gpu_check(["--cpu-smoke", "--out", str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("*-cpu.json")
+    results = json.loads(path.read_text())
+    assert results["precision"] == results["throughput"] == {"error": "RuntimeError: the launch failed", "ok": False}
+    assert results["attention"] == [row] and results["host_syncs"]["ok"]
+    assert results["complete"] and not results["ok"]
+    assert "| precision | failed: RuntimeError: the launch failed | | False |" in capsys.readouterr().out
 
 
 def test_device_scripts_parse_and_every_carried_wheel_is_pinned():
