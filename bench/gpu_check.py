@@ -323,14 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results: dict = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{results['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    path = args.out / f"{results['date']}-{slug}.json"
     sections = {
         "attention": lambda: check_attention(tokenizer, device, dtype),
         "precision": lambda: check_precision(tiny, work / "bench", work, device),
         "host_syncs": lambda: check_host_syncs(tokenizer, device, dtype),
         "throughput": lambda: check_throughput(work, device, tiny),
     }
-    results["seconds"] = {}
+    results["seconds"], results["complete"] = {}, False
     for section, run in sections.items():
         started = time.perf_counter()
         try:
@@ -338,16 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a failed section must not cost the others their (scarce) GPU time
             results[section] = {"error": f"{type(err).__name__}: {err}"[-4000:], "ok": False}
         results["seconds"][section] = round(time.perf_counter() - started, 1)
-        results["complete"] = section == "throughput"
         path.write_text(json.dumps(results, indent=1) + "\n")  # after each section: a timeout keeps what ran
-    results["ok"] = section_ok(results)
+    results["complete"], results["ok"] = True, all_checks_passed(results)
     path.write_text(json.dumps(results, indent=1) + "\n")
     print_table(results)
     print(f"wrote {path}")
     return 0 if results["ok"] else 1
 
 
-def section_ok(results: dict) -> bool:
+def all_checks_passed(results: dict) -> bool:
     """Whether every exactness section passed and the throughput section ran."""
     attention = results["attention"]
     if isinstance(attention, dict) or not all(row["ok"] for row in attention):
