@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,17 +37,23 @@ FOREIGN_KEYS = {
 }
 
 
+PURPOSES = ("train", "eval")  # what a config is loaded for: train/sft.py, or train/eval.py
+
+
 def option(
     default: Any = None,
     help: str = "",
     *,
     minimum: float | None = None,
     exclusive: bool = False,
-    required: bool = False,
+    required: tuple[str, ...] = (),
+    identity: bool = False,
     default_factory: Any = None,
 ) -> Any:
-    """A config field: default, help text for the README, and the smallest allowed value."""
-    metadata = {"help": help, "minimum": minimum, "exclusive": exclusive, "required": required}
+    """A config field: default, help text for the docs, the smallest allowed value, the purposes (train, eval) it
+    is required for, and whether it is part of a run's identity (a checkpoint resumes only a run that agrees on
+    every identity key)."""
+    metadata = {"help": help, "minimum": minimum, "exclusive": exclusive, "required": required, "identity": identity}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -56,11 +63,14 @@ def option(
 class ModelConfig:
     """Which model to train and how to load it."""
 
-    model_name_or_path: str = option("", "Hub id or local folder of the model and tokenizer.", required=True)
+    model_name_or_path: str = option(
+        "", "Hub id or local folder of the model and tokenizer.", required=PURPOSES, identity=True
+    )
     template: str | None = option(
         None,
         "Chat template: null = the tokenizer's own; a built-in name (chatml, qwen, llama3, mistral, gemma, phi3); "
         "or a path to a .jinja file.",
+        identity=True,
     )
     trust_remote_code: bool = option(False, "Run modelling code shipped with the checkpoint (logged loudly).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = option(
@@ -80,32 +90,42 @@ class ModelConfig:
     add_special_tokens: list[str] = option(
         help="Special tokens to add (a list or comma-separated): never split, stripped or normalised.",
         default_factory=list,
+        identity=True,
     )
-    add_tokens: list[str] = option(help="Ordinary (non-special) tokens to add.", default_factory=list)
+    add_tokens: list[str] = option(help="Ordinary (non-special) tokens to add.", default_factory=list, identity=True)
     new_special_tokens_config: str | None = option(
         None,
         "YAML file mapping new special tokens to descriptions (relative to the config file); the descriptions drive "
         "desc_init.",
+        identity=True,
     )
     init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
         "noise_init",
         "New rows: mean of the original vocabulary's rows + seeded noise N(0, 1/sqrt(hidden)); or the mean of the "
         "description's token rows (desc_init), plus the same noise (desc_init_w_noise).",
+        identity=True,
     )
-    finetuning_type: Literal["full", "lora"] = option("full", "Train every weight, or LoRA adapters (with PEFT).")
-    lora_rank: int = option(8, "LoRA rank r.", minimum=1)
-    lora_alpha: int | None = option(None, "LoRA alpha; null = 2 x lora_rank.", minimum=1)
-    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", minimum=0.0)
+    finetuning_type: Literal["full", "lora"] = option(
+        "full", "Train every weight, or LoRA adapters (with PEFT).", identity=True
+    )
+    lora_rank: int = option(8, "LoRA rank r.", minimum=1, identity=True)
+    lora_alpha: int | None = option(None, "LoRA alpha; null = 2 x lora_rank.", minimum=1, identity=True)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", minimum=0.0, identity=True)
     lora_target: list[str] = option(
         help="Modules LoRA wraps: all (every linear layer but the output head) or their names (q_proj, v_proj, ...).",
         default_factory=lambda: ["all"],
+        identity=True,
     )
     additional_target: list[str] = option(
-        help="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", default_factory=list
+        help="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
+        default_factory=list,
+        identity=True,
     )
-    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
-    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA.")
-    adapter_name_or_path: str | None = option(None, "An existing LoRA adapter of this model to keep training.")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", identity=True)
+    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA.", identity=True)
+    adapter_name_or_path: str | None = option(
+        None, "An existing LoRA adapter of this model to keep training.", identity=True
+    )
     merge: bool = option(
         False, "After LoRA training, also write base + adapter merged into output_dir/merged (loads without peft)."
     )
@@ -114,6 +134,7 @@ class ModelConfig:
         "When new ids do not fit the embedding matrix, grow it to a multiple of this; null = the model's own padding "
         "(the largest power of two up to 128 dividing its rows).",
         minimum=1,
+        identity=True,
     )
 
 
@@ -124,20 +145,27 @@ class DataConfig:
     dataset: list[str] = option(
         help="Training dataset name(s) from dataset_info.json; a list or comma-separated names are concatenated.",
         default_factory=list,
-        required=True,
+        required=("train",),
+        identity=True,
     )
-    eval_dataset: list[str] = option(help="Evaluation dataset name(s), same format as dataset.", default_factory=list)
-    dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.")
-    max_length: int = option(2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2)
+    eval_dataset: list[str] = option(
+        help="Evaluation dataset name(s), same format as dataset.", default_factory=list, required=("eval",)
+    )
+    dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.", identity=True)
+    max_length: int = option(
+        2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2, identity=True
+    )
     packing: bool = option(
         False,
         "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); the batch size "
         "then counts rows, not sequences.",
+        identity=True,
     )
     packing_strategy: Literal["best_fit_decreasing", "shuffled_best_fit"] = option(
         "best_fit_decreasing",
         "How packed rows are filled: best fit longest-first (tightest, 98-99% on GSM8K-shaped chats, but a row holds "
         "examples of similar length), or best fit in a seeded random order (rows mix lengths; 2-4% looser).",
+        identity=True,
     )
     padding_free: bool | None = option(
         None,
@@ -146,28 +174,41 @@ class DataConfig:
         "Changes speed only, never the examples in a step or the numbers.",
     )
     pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
-    train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.")
-    mask_history: bool = option(False, "Train only on the last assistant turn of each chat.")
-    max_samples: int | None = option(None, "Use at most this many examples of each dataset (first rows).", minimum=1)
+    train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.", identity=True)
+    mask_history: bool = option(False, "Train only on the last assistant turn of each chat.", identity=True)
+    max_samples: int | None = option(
+        None, "Use at most this many examples of each dataset (first rows).", minimum=1, identity=True
+    )
     abstention_answer: str = option(
-        "I don't know.", "Assistant answer for unanswerable questions (squad_v2 converter)."
+        "I don't know.",
+        "Assistant answer for unanswerable questions (squad_v2 converter).",
+        identity=True,
     )
     backtrack_token: str | None = option(
-        None, "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing."
+        None,
+        "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing.",
+        identity=True,
     )
     mask_backtracked: bool = option(
-        False, "Masked SFT: the k tokens before each run of k backtrack tokens are input, never targets."
+        False,
+        "Masked SFT: the k tokens before each run of k backtrack tokens are input, never targets.",
+        identity=True,
     )
     backtrack_position_ids: bool = option(
-        False, "Position ids follow the text after deletions: a backtrack token rewinds the position."
+        False,
+        "Position ids follow the text after deletions: a backtrack token rewinds the position.",
+        identity=True,
     )
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
         "concat",
         "How several training datasets mix: concatenated, or sampled with interleave_probs until the first "
         "dataset is exhausted (under) or until every dataset is (over, repeating the smaller ones).",
+        identity=True,
     )
     interleave_probs: list[float] | None = option(
-        None, "Share of each training dataset in the mix (one per dataset, summing to 1) for interleave_*."
+        None,
+        "Share of each training dataset in the mix (one per dataset, summing to 1) for interleave_*.",
+        identity=True,
     )
     preprocessing_num_workers: int | None = option(None, "Processes for tokenization (datasets.map).", minimum=1)
     dataloader_num_workers: int | None = option(
@@ -197,7 +238,7 @@ class TrainingConfig:
         0.0, "Fraction of total steps spent warming up (ignored if warmup_steps > 0).", minimum=0.0
     )
     warmup_steps: int = option(0, "Optimizer steps of linear warmup.", minimum=0)
-    seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0)
+    seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0, identity=True)
     loss_chunk_tokens: int | None = option(
         None,
         "Trained positions per chunk of the LM head and cross-entropy; null = as many as keep a chunk's fp32 logits "
@@ -216,7 +257,10 @@ class RunConfig:
     """Where results go, how often, and where they are reported."""
 
     output_dir: str = option(
-        "", "Folder for config.yaml, metrics.jsonl, checkpoints and the final model.", required=True
+        "",
+        "Folder for config.yaml, metrics.jsonl, checkpoints and the final model; train/eval.py writes eval/ there "
+        "(with no output_dir: outputs/eval/<model folder name>).",
+        required=("train",),
     )
     logging_steps: int = option(10, "Optimizer steps between metric rows.", minimum=1)
     eval_steps: int | None = option(None, "Optimizer steps between evaluations (needs eval_dataset).", minimum=1)
@@ -306,8 +350,9 @@ def all_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 RELATIVE_TO_FILE = ("new_special_tokens_config",)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML experiment config (following `base:`), apply key=value overrides, validate."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), purpose: str = "train") -> Config:
+    """Read a YAML experiment config (following `base:`), apply key=value overrides, validate for `purpose` (train:
+    train/sft.py, eval: train/eval.py, which needs no training dataset)."""
     values, sources = _read_yaml_with_bases(Path(path), seen=())
     for override in overrides:
         key, value = parse_override(override)
@@ -317,7 +362,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if isinstance(values.get(key), str) and values[key]:
             folder = Path(sources[key]).parent if sources[key] != "command line" else Path.cwd()
             values[key] = str((folder / values[key]).resolve())
-    return build_config(values, sources)
+    return build_config(values, sources, purpose)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -333,8 +378,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def build_config(values: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
-    """Validate a flat key -> value mapping into a Config; every problem is collected, then raised once."""
+def build_config(values: dict[str, Any], sources: dict[str, str] | None = None, purpose: str = "train") -> Config:
+    """Validate a flat key -> value mapping into a Config for `purpose`; every problem is collected, then raised
+    once."""
     sources = sources or {}
     owners = all_fields()
     problems: list[str] = []
@@ -353,7 +399,7 @@ def build_config(values: dict[str, Any], sources: dict[str, str] | None = None) 
         except ValueError as err:
             problems.append(f"{where(key)}{err}")
     for key, (section, f, _) in owners.items():
-        if f.metadata["required"] and not sectioned[section].get(key, _default(f)):
+        if purpose in f.metadata["required"] and not sectioned[section].get(key, _default(f)):
             problems.append(f"missing required key {key}: {f.metadata['help']}")
     if problems:
         raise ConfigError(problems)
@@ -364,7 +410,13 @@ def build_config(values: dict[str, Any], sources: dict[str, str] | None = None) 
     return config
 
 
+def identity_keys() -> tuple[str, ...]:
+    """The keys that define a run (declared with identity=True): a checkpoint resumes only a run equal on all."""
+    return tuple(key for key, (_, f, _) in all_fields().items() if f.metadata["identity"])
+
+
 def _cross_checks(config: Config) -> list[str]:
+    """Problems between keys, and between the config and the launch, found before anything runs."""
     problems = []
     data, training, run = config.data, config.training, config.run
     if run.eval_steps is not None and not data.eval_dataset:
@@ -405,7 +457,58 @@ def _cross_checks(config: Config) -> list[str]:
     for reporter in run.report_to:
         if reporter not in REPORTERS:
             problems.append(f"report_to: unknown tracker {reporter!r}; choose from {', '.join(REPORTERS)}")
+    generation = config.generation
+    if generation.engine == "vllm" and generation.generation_eval_steps is not None:
+        problems.append(
+            "engine: vllm with generation_eval_steps: evaluation during training generates with the model being "
+            "trained (engine: hf); vLLM is for train/eval.py on a saved model"
+        )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if generation.engine == "vllm" and processes > 1:
+        problems.append(
+            f"engine: vllm runs in one process, but {processes} were launched: run train/eval.py without "
+            "accelerate launch (vLLM uses every GPU it is given itself)"
+        )
+    problems += _token_description_problems(model, data)
     return problems
+
+
+def _token_description_problems(model: ModelConfig, data: DataConfig) -> list[str]:
+    """desc_init* needs a description for every token it initialises, from new_special_tokens_config."""
+    if not model.init_special_tokens.startswith("desc_init"):
+        return []
+    if not model.new_special_tokens_config:
+        return [
+            f"init_special_tokens: {model.init_special_tokens} needs new_special_tokens_config (a YAML mapping "
+            "token: description)"
+        ]
+    try:
+        descriptions = read_token_descriptions(Path(model.new_special_tokens_config))
+    except ConfigError as err:
+        return err.problems
+    wanted = [*model.add_special_tokens, *model.add_tokens, *([data.backtrack_token] if data.backtrack_token else [])]
+    return [
+        f"init_special_tokens: {model.init_special_tokens} needs a description for every new token, and {token!r} "
+        f"has none in {model.new_special_tokens_config}"
+        for token in wanted
+        if token not in descriptions
+    ]
+
+
+def read_token_descriptions(path: Path) -> dict[str, str]:
+    """new_special_tokens_config: a YAML mapping of token to a non-empty description."""
+    if not path.is_file():
+        raise ConfigError(f"new_special_tokens_config: file not found: {path}")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"new_special_tokens_config: {path} is not valid YAML: {_first_line(err)}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise ConfigError(f"new_special_tokens_config: {path} must be a mapping of token: description")
+    for token, description in mapping.items():
+        if not isinstance(description, str) or not description.strip():
+            raise ConfigError(f"new_special_tokens_config: token {token!r} in {path} has an empty description")
+    return mapping
 
 
 def _unknown_key_message(key: str, owners: dict) -> str:
@@ -547,8 +650,11 @@ def reference_markdown() -> str:
         lines.append("| key | default | meaning |")
         lines.append("| --- | --- | --- |")
         for f in dataclasses.fields(cls):
-            default = "required" if f.metadata["required"] else yaml.safe_dump(_default(f), default_flow_style=True)
-            default = default.strip().removesuffix("...").strip()
+            default = yaml.safe_dump(_default(f), default_flow_style=True).strip().removesuffix("...").strip()
+            if f.metadata["required"]:
+                verbs = {"train": "train", "eval": "evaluate"}
+                needed = f.metadata["required"]
+                default = "required" if needed == PURPOSES else "required to " + " and ".join(verbs[p] for p in needed)
             lines.append(f"| `{f.name}` | `{default}` | {f.metadata['help']} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -30,11 +30,14 @@ class Diverged(Exception):
 
 
 def report_and_exit_code(err: BaseException) -> int:
-    """What an entry point does with an error it expects: print its one line on rank 0, return its exit code."""
+    """What an entry point does with an error it expects: print its line, return its exit code. Every rank prints
+    (others with their rank): the launcher stops the remaining ranks as soon as one exits, so a line left to rank 0
+    alone is lost whenever another rank fails first."""
     import os
     import sys
 
     prefix = {"Diverged": "error", "Preempted": "preempted"}.get(type(err).__name__, "error")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+    rank = int(os.environ.get("RANK", "0"))
+    where = "" if rank == 0 else f" (rank {rank})"
+    print(f"{prefix}{where}: {err}", file=sys.stderr, flush=True)
     return err.exit_code

@@ -45,16 +45,16 @@ def run_name(output_dir: Path) -> str:
 
 def plot_runs(output_dirs: list[Path], out_file: Path) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """Draw the runs into out_file (PNG); returns the data drawn, per run label and metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: written to a file
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display, Agg to a file
 
     drawn = {}
     for folder in output_dirs:
         label = run_name(folder)
         drawn[label if label not in drawn else str(folder)] = read_series(folder)  # two runs named alike
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    figure = Figure(figsize=(11, 7))
+    axes = figure.subplots(2, 2)
+    # Fixed margins: an automatic layout engine doubles the time of a plot written at every checkpoint.
+    figure.subplots_adjust(left=0.07, right=0.98, top=0.95, bottom=0.07, hspace=0.3, wspace=0.2)
     for axis, (key, title) in zip(axes.flat, PANELS):
         for label, series in drawn.items():
             steps, values = series[key]
@@ -63,6 +63,8 @@ def plot_runs(output_dirs: list[Path], out_file: Path) -> dict[str, dict[str, tu
                 axis.plot(*series["loss_smoothed"], color=line.get_color(), label=f"{label} (smoothed)")
             elif steps:
                 axis.plot(steps, values, marker="o" if key == "eval_loss" else None, markersize=3, label=label)
+        if key == "lr":
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # short labels inside the margin
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -70,7 +72,6 @@ def plot_runs(output_dirs: list[Path], out_file: Path) -> dict[str, dict[str, tu
             axis.legend(fontsize=8)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_file, dpi=100)
-    plt.close(figure)
     return drawn
 
 

@@ -96,8 +96,8 @@ def run_sft(
     return result
 
 
-def run_in_process(args: list[str], script: str = "sft.py") -> subprocess.CompletedProcess:
-    """train/<script>'s main() in this process from the repository root, its output captured; accelerate's
+def run_in_process(args: list[str], script: str = "sft.py", cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """train/<script>'s main() in this process from `cwd` (the repository root), its output captured; accelerate's
     process-wide state is reset first, as a new process would have it."""
     import contextlib
     import importlib.util
@@ -112,8 +112,8 @@ def run_in_process(args: list[str], script: str = "sft.py") -> subprocess.Comple
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(REPO)
+    before = os.getcwd()
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -124,8 +124,56 @@ def run_in_process(args: list[str], script: str = "sft.py") -> subprocess.Comple
                 traceback.print_exc()
                 code = 1
     finally:
-        os.chdir(cwd)
+        os.chdir(before)
     return subprocess.CompletedProcess([sys.executable, f"train/{script}", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_sft_many(
+    runs: list[tuple[list[str], str]], log_root: Path, timeout: int = 1800
+) -> list[subprocess.CompletedProcess]:
+    """Several 2-process train/sft.py runs, each (args, accelerate config of accelerate_configs/), in one launch of
+    tests/launch_many.py, in order; one CompletedProcess per run with rank 0's stdout and every rank's stderr. A run
+    that fails fails the test, showing its output."""
+    log_root.mkdir(parents=True, exist_ok=True)
+    plan = [
+        {"args": args, "accelerate_config": launch, "log": str(log_root / f"run{i}")}
+        for i, (args, launch) in enumerate(runs)
+    ]
+    plan_file = log_root / "plan.json"
+    plan_file.write_text(json.dumps(plan, indent=1))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "tests" / "launch_many.py"),
+        str(plan_file),
+    ]
+    launched = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def output(entry: dict, name: str) -> str:
+        path = Path(entry["log"]) / name
+        return path.read_text() if path.exists() else ""
+
+    results = [
+        subprocess.CompletedProcess(
+            entry["args"], 0, output(entry, "rank0.out"), output(entry, "rank0.err") + output(entry, "rank1.err")
+        )
+        for entry in plan
+    ]
+    if launched.returncode != 0:
+        failed = next((i for i, r in enumerate(results) if not (Path(plan[i]["log"]) / "rank0.out").exists()), None)
+        shown = "\n".join(
+            f"--- run {i}: {' '.join(r.args)}\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}" for i, r in enumerate(results)
+        )
+        pytest.fail(
+            f"launch of {len(runs)} runs failed (exit {launched.returncode}; first run without output: {failed})\n"
+            f"{launched.stderr[-6000:]}\n{shown}"
+        )
+    return results
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -4,6 +4,7 @@ the turn end after reload, and bad input named."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -280,3 +281,33 @@ def test_bad_evaluation_input_exits_2_with_one_line(tmp_path, tiny_model_dir):
         expect_code=2,
     )
     assert result.stderr.strip() == "error: engine: vllm needs a CUDA GPU; use engine: hf on this machine"
+
+
+def test_generation_settings_that_cannot_work_are_refused_with_the_config(monkeypatch, tiny_model_dir):
+    from llmhalluc.config import load_config
+    from llmhalluc.errors import ConfigError
+
+    base = [f"model_name_or_path={tiny_model_dir}", "output_dir=x"]
+    with pytest.raises(ConfigError, match="engine: vllm with generation_eval_steps: evaluation during training"):
+        load_config(REPO / "configs" / "demo.yaml", [*base, "engine=vllm", "generation_eval_steps=10"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="engine: vllm runs in one process, but 2 were launched"):
+        load_config(REPO / "configs" / "demo.yaml", [*base, "engine=vllm"], purpose="eval")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="missing required key eval_dataset"):
+        load_config(REPO / "configs" / "demo.yaml", [*base, "eval_dataset=[]"], purpose="eval")
+    with pytest.raises(ConfigError, match="missing required key dataset"):
+        load_config(REPO / "configs" / "demo.yaml", [*base, "dataset=[]"])
+    load_config(REPO / "configs" / "demo.yaml", [*base, "dataset=[]"], purpose="eval")  # evaluating needs none
+
+
+def test_a_template_without_an_end_of_turn_token_is_named(tokenizer):
+    from llmhalluc.data.facts import token_facts
+    from llmhalluc.errors import TemplateError
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TemplateError, match="does not end an assistant turn with a special token"):
+        token_facts(plain)
+    facts = token_facts(tokenizer)
+    assert facts.stop_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]

@@ -17,7 +17,7 @@ from conftest import REPO, free_port, read_metrics, write_chats
 
 from llmhalluc.config import TrainingConfig
 from llmhalluc.errors import UserError
-from llmhalluc.train.dist import resolve_deepspeed_config
+from llmhalluc.runtime.dist import resolve_deepspeed_config
 
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 GPU_CONFIGS = {"single_gpu", "ddp", "zero2", "zero3", "zero3_offload", "multi_node_zero3"}

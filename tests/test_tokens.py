@@ -122,10 +122,18 @@ def test_existing_tokens_are_left_alone_and_resizing_follows_the_multiple(tmp_pa
     [
         ({"add_special_tokens": ["<A>", "<A>"]}, "'<A>' is listed twice"),
         ({"add_special_tokens": ["<A>"], "add_tokens": ["<A>"]}, "'<A>' is listed twice"),
-        ({"add_special_tokens": ["<A>"], "init_special_tokens": "desc_init"}, "'<A>' has none"),
+        ({"add_special_tokens": ["<A>"], "init_special_tokens": "desc_init"}, "desc_init needs new_special_tokens_"),
+        (
+            {
+                "add_special_tokens": ["<B>"],
+                "init_special_tokens": "desc_init",
+                "new_special_tokens_config": {"<A>": "a"},
+            },
+            "'<B>' has none",
+        ),
         ({"new_special_tokens_config": {"<A>": "  "}}, "token '<A>' in"),
     ],
-    ids=["twice", "special-and-ordinary", "desc-init-without-descriptions", "empty-description"],
+    ids=["twice", "special-and-ordinary", "desc-init-without-config", "desc-init-without-description", "empty"],
 )
 def test_bad_token_settings_name_the_token(tmp_path, keys, message):
     if isinstance(keys.get("new_special_tokens_config"), dict):

@@ -1,7 +1,7 @@
 """The training loop end to end, on the tiny model, in 1 and 2 processes (DDP, ZeRO-2, ZeRO-3 on gloo).
 
-Exactness is checked against an independent reference computed here with a plain forward/backward, and resume
-against an uninterrupted run of the same config.
+Exactness is checked against an independent reference computed here with a plain forward/backward (resume:
+tests/test_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_sft, write_chats
+from conftest import read_metrics, run_sft, run_sft_many, write_chats
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,11 +104,16 @@ SPLITS = {
 
 @pytest.fixture(scope="module")
 def split_runs(eight) -> dict[str, Path]:
-    outputs = {}
+    """One step at every split: one-process runs here, the 2-process ones in one launch."""
+    outputs = {name: eight["root"] / name for name in SPLITS}
+    launched = []
     for name, (launch, args) in SPLITS.items():
-        out = eight["root"] / name
-        run_sft([*eight["base"], f"output_dir={out}", *args], accelerate_config=launch)
-        outputs[name] = out
+        full_args = [*eight["base"], f"output_dir={outputs[name]}", *args]
+        if launch is None:
+            run_sft(full_args)
+        else:
+            launched.append((full_args, launch))
+    run_sft_many(launched, eight["root"] / "launch-logs")
     return outputs
 
 
@@ -184,84 +189,6 @@ def test_updated_weights_agree_across_splits(split_runs):
         assert worst < 5e-5, (name, worst)
 
 
-RESUME_ARGS = [
-    "dataset=demo",
-    "max_samples=28",
-    "eval_dataset=demo_eval",
-    "max_length=512",
-    "packing=false",
-    "per_device_train_batch_size=2",
-    "gradient_accumulation_steps=2",
-    "num_train_epochs=2",
-    "learning_rate=1e-3",
-    "lr_scheduler_type=cosine",
-    "warmup_steps=2",
-    "warmup_ratio=0",
-    "logging_steps=1",
-    "eval_steps=7",
-    "seed=5",
-]
-
-
-def resume_pair(tmp_path: Path, tiny_model_dir: Path, launch: str | None, extra: list[str]) -> tuple[Path, Path]:
-    """An uninterrupted run that checkpoints at step 9 (2 steps into epoch 2 of 7 steps), and a second run
-    resumed from that checkpoint in a fresh output_dir."""
-    args = ["configs/demo.yaml", f"model_name_or_path={tiny_model_dir}", *RESUME_ARGS, *extra]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_sft([*args, f"output_dir={full}", "save_steps=9"], accelerate_config=launch)
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-9", resumed / "checkpoint-9")
-    # The resumed run saves at 14, the final step, so the final weights can be checked against its checkpoint.
-    run_sft([*args, f"output_dir={resumed}", "save_steps=7", "resume_from_checkpoint=latest"], accelerate_config=launch)
-    return full, resumed
-
-
-def assert_same_run(full: Path, resumed: Path) -> None:
-    rows_full = [r for r in read_metrics(full) if r["step"] > 9]
-    rows_resumed = read_metrics(resumed)
-    assert [r["step"] for r in rows_resumed] == [r["step"] for r in rows_full] == [*range(10, 15), 14]
-    for a, b in zip(rows_full, rows_resumed):
-        for key in ("loss", "grad_norm", "lr", "eval_loss", "tokens", "trained_tokens", "epoch"):
-            assert a.get(key) == b.get(key), (a["step"], key)
-    state = json.loads((full / "checkpoint-9" / "trainer_state.json").read_text())
-    assert state["step"] == 9 and state["epoch"] == 1 and state["steps_per_epoch"] == 7
-    final_full = load_file(full / "model.safetensors")
-    final_resumed = load_file(resumed / "model.safetensors")
-    for key in final_full:
-        assert torch.equal(final_full[key], final_resumed[key]), key
-
-
-def test_resume_mid_epoch_two_is_exact_one_process(tmp_path, tiny_model_dir):
-    full, resumed = resume_pair(tmp_path, tiny_model_dir, None, [])
-    assert_same_run(full, resumed)
-
-
-@pytest.fixture(scope="module")
-def zero3_resume(tmp_path_factory, tiny_model_dir):
-    return resume_pair(
-        tmp_path_factory.mktemp("zero3"), tiny_model_dir, "cpu_zero3.yaml", ["per_device_train_batch_size=1"]
-    )
-
-
-def test_resume_mid_epoch_two_is_exact_zero3_two_processes(zero3_resume):
-    assert_same_run(*zero3_resume)
-
-
-def test_zero3_final_model_loads_strictly_and_equals_the_gathered_shards(zero3_resume):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    _, resumed = zero3_resume
-    model, info = AutoModelForCausalLM.from_pretrained(resumed, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert AutoTokenizer.from_pretrained(resumed).chat_template
-    gathered = get_fp32_state_dict_from_zero_checkpoint(str(resumed / "checkpoint-14"))
-    saved = load_file(resumed / "model.safetensors")
-    assert set(saved) == set(gathered)
-    for key, value in gathered.items():
-        assert torch.equal(saved[key], value), key
-    assert model.generation_config.eos_token_id is not None
-
-
 def test_same_config_twice_gives_the_same_metrics_and_wandb_offline_records_them(tmp_path, eight):
     args = [*eight["base"], "max_steps=4", "per_device_train_batch_size=2", "report_to=wandb"]
     first, second = tmp_path / "first", tmp_path / "second"
@@ -331,18 +258,6 @@ def test_metrics_rows_and_final_model(tmp_path, eight):
     assert AutoTokenizer.from_pretrained(out / "checkpoint-6").chat_template == read_builtin_template("qwen")
     for name, value in checkpoint.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
-
-
-def test_save_only_model_checkpoints_are_models_and_no_run_resumes_from_them(tmp_path, eight):
-    out = tmp_path / "out"
-    args = [*eight["base"], "max_steps=2", "per_device_train_batch_size=4", "save_steps=1", f"output_dir={out}"]
-    run_sft([*args, "save_only_model=true"])
-    saved = sorted(path.name for path in (out / "checkpoint-2").iterdir())
-    assert "model.safetensors" in saved and "optimizer.bin" not in saved and "random_states_0.pkl" not in saved
-    final, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
-    assert all(torch.equal(final[k], checkpoint[k]) for k in final)
-    result = run_sft([*args, "save_only_model=true", "max_steps=3", "resume_from_checkpoint=latest"], expect_code=2)
-    assert "was saved with save_only_model: true (weights only" in result.stderr
 
 
 def test_existing_run_in_output_dir_is_not_overwritten(tmp_path, eight, split_runs):

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from llmhalluc.eval.standalone import evaluate_model
 
-        evaluate_model(load_config(args.config, args.overrides))
+        evaluate_model(load_config(args.config, args.overrides, purpose="eval"))
     except UserError as err:
         if args.debug:
             raise

@@ -263,16 +263,20 @@ def _locate_turn(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: s
     return TurnSpan(len(prompt), end + len(closing), turn)
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The token(s) that close an assistant turn in the tokenizer's chat template (e.g. <|im_end|>, <|eot_id|>,
-    <|end|>), found by rendering a two-turn probe chat; [] when the template has none."""
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that closes an assistant turn in the tokenizer's chat template (e.g. <|im_end|>, <|eot_id|>,
+    <|end|>), found by rendering a two-turn probe chat; a template without one is a TemplateError naming it."""
     probe = [{"role": "user", "content": SENTINEL_USER}, {"role": "assistant", "content": SENTINEL}]
     try:
         closing = _end_of_turn(tokenizer, probe, 1)
-    except Exception:  # no template, or one that does not close turns with a special token
-        return []
+    except Exception as err:  # no template, or one that does not close turns with a special token
+        raise TemplateError(
+            f"the chat template of {tokenizer.name_or_path or 'this tokenizer'} does not end an assistant turn with a "
+            f"special token, so a trained model would have no token to stop generating on ({err}); choose a "
+            "template that does (template: chatml, llama3, ...)"
+        ) from None
     ids = tokenizer(closing, add_special_tokens=False)["input_ids"]
-    return [i for i in ids if i in stop_ids(tokenizer)][-1:]
+    return [i for i in ids if i in stop_ids(tokenizer)][-1]
 
 
 def _split_at_sentinel(rendered: str, turn: int) -> tuple[str, str]:

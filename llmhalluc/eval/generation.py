@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from llmhalluc.config import GenerationEvalConfig
 from llmhalluc.data.backtrack import apply_backtracks
 from llmhalluc.data.chat import render
+from llmhalluc.data.facts import TokenFacts
 from llmhalluc.errors import UserError
-from llmhalluc.models.saving import stop_token_ids
 
 
 @dataclass
@@ -53,7 +53,7 @@ def generate_hf(
     prompts: list[str],
     settings: GenerationEvalConfig,
     accelerator: Accelerator,
-    backtrack_id: int | None = None,
+    facts: TokenFacts,
     progress: bool = True,
 ) -> list[Generation]:
     """Generations for every prompt (in order, on every rank) with transformers' generate, the prompts split
@@ -61,7 +61,7 @@ def generate_hf(
     ranks, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(prompts), ranks))
     per_rank_batches = math.ceil(math.ceil(len(prompts) / ranks) / settings.generation_batch_size)
-    stops = stop_token_ids(tokenizer)
+    stops = facts.stop_ids
     network = accelerator.unwrap_model(model, keep_torch_compile=False)
     results: list[tuple[int, Generation]] = []
     bar = tqdm(total=len(prompts), desc="generate", disable=not (progress and accelerator.is_main_process))
@@ -82,7 +82,7 @@ def generate_hf(
                 use_cache=True,
             )
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
-        results += [(i, decode(tokenizer, ids, set(stops), backtrack_id)) for i, ids in zip(indices, new)]
+        results += [(i, decode(tokenizer, ids, set(stops), facts.backtrack_id)) for i, ids in zip(indices, new)]
         bar.update(len(indices) * ranks)
     bar.close()
     ordered = dict(gather_object(results) if ranks > 1 else results)
@@ -120,13 +120,13 @@ def generate_vllm(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     settings: GenerationEvalConfig,
-    backtrack_id: int | None = None,
+    facts: TokenFacts,
 ) -> list[Generation]:
     """Generations with vLLM (one process, GPU): the same prompts, stop tokens and decoding as the hf engine."""
     check_engine("vllm")
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    stops = stop_token_ids(tokenizer)
+    stops = facts.stop_ids
     sampling = SamplingParams(
         max_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -137,4 +137,4 @@ def generate_vllm(
     engine = LLM(model=model_path, tokenizer=model_path)
     requests = [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
     outputs = engine.generate(requests, sampling)
-    return [decode(tokenizer, list(o.outputs[0].token_ids), set(stops), backtrack_id) for o in outputs]
+    return [decode(tokenizer, list(o.outputs[0].token_ids), set(stops), facts.backtrack_id) for o in outputs]

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config
+from llmhalluc.data.facts import TokenFacts
 from llmhalluc.eval.generation import Generation, generate_hf, generate_vllm, render_prompts
 from llmhalluc.eval.metrics import aggregate, score
 from llmhalluc.eval.references import EvalSet, load_eval_set
@@ -31,15 +32,10 @@ def load_eval_sets(config: Config, samples: int | None = None) -> list[EvalSet]:
     return sets
 
 
-def backtrack_id(tokenizer: PreTrainedTokenizerBase, config: Config) -> int | None:
-    """The backtrack token's id when the config names one the tokenizer has."""
-    token = config.data.backtrack_token
-    return tokenizer.convert_tokens_to_ids(token) if token and token in tokenizer.get_vocab() else None
-
-
 def evaluate_generations(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
+    facts: TokenFacts,
     config: Config,
     accelerator: Accelerator,
     eval_sets: list[EvalSet],
@@ -49,7 +45,6 @@ def evaluate_generations(
 ) -> dict[str, dict[str, Any]]:
     """Metrics per eval dataset (on every rank); with out_dir, predictions.jsonl per dataset and results.json."""
     settings = config.generation
-    bt = backtrack_id(tokenizer, config)
     results = {}
     was_training = getattr(model, "training", False)
     model.eval()
@@ -60,10 +55,10 @@ def evaluate_generations(
         for eval_set in eval_sets:
             prompts = render_prompts(tokenizer, [item.prompt for item in eval_set.items])
             if settings.engine == "vllm":
-                generations = generate_vllm(model_path, tokenizer, prompts, settings, bt)
+                generations = generate_vllm(model_path, tokenizer, prompts, settings, facts)
             else:
-                generations = generate_hf(model, tokenizer, prompts, settings, accelerator, bt, progress)
-            metrics, records = score_set(eval_set, prompts, generations, config, bt is not None, tokenizer)
+                generations = generate_hf(model, tokenizer, prompts, settings, accelerator, facts, progress)
+            metrics, records = score_set(eval_set, prompts, generations, config, facts.backtrack_id is not None)
             results[eval_set.name] = metrics
             if out_dir is not None and accelerator.is_main_process:
                 write_predictions(out_dir / eval_set.name / "predictions.jsonl", records)
@@ -80,7 +75,6 @@ def score_set(
     generations: list[Generation],
     config: Config,
     with_backtracks: bool,
-    tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The dataset's metrics and one record per example, in dataset order."""
     abstention = config.data.abstention_answer

@@ -8,36 +8,41 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.utils import DistributedType
+from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config
-from llmhalluc.errors import UserError
+from llmhalluc.data.facts import TokenFacts, token_facts
 from llmhalluc.eval.generation import check_engine
 from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows, results_table
+from llmhalluc.models.export import is_adapter, load_pretrained
 from llmhalluc.models.loading import load_model, load_tokenizer, resolve_attention
-from llmhalluc.train.dist import build_accelerator, quiet_other_ranks
+from llmhalluc.runtime.dist import build_accelerator, quiet_other_ranks
 
 SAMPLE_ROWS = 20  # predictions per dataset shown in the wandb table
 
 
 def evaluated_model(config: Config) -> Path | str:
     """What to evaluate: the trained model (or adapter) in output_dir when there is one, else model_name_or_path."""
-    output_dir = Path(config.run.output_dir)
-    if is_adapter(output_dir) or ((output_dir / "config.json").is_file() and any(output_dir.glob("*.safetensors"))):
+    output_dir = Path(config.run.output_dir) if config.run.output_dir else None
+    if output_dir is not None and (
+        is_adapter(output_dir) or ((output_dir / "config.json").is_file() and any(output_dir.glob("*.safetensors")))
+    ):
         return output_dir
     return config.model.model_name_or_path
 
 
-def is_adapter(path: Path | str) -> bool:
-    """Whether a folder holds a PEFT adapter."""
-    return (Path(path) / "adapter_config.json").is_file()
+def results_dir(config: Config) -> Path:
+    """Where an evaluation writes: output_dir/eval, or outputs/eval/<model folder name> for a config without an
+    output_dir (an evaluation-only config)."""
+    if config.run.output_dir:
+        return Path(config.run.output_dir) / "eval"
+    return Path("outputs") / "eval" / Path(config.model.model_name_or_path.rstrip("/")).name
 
 
 def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
     """Generate for every eval dataset, score, write output_dir/eval/<dataset>/predictions.jsonl and
     output_dir/eval/results.json, print the table, report to wandb; returns the results."""
     check_engine(config.generation.engine)
-    if not config.data.eval_dataset:
-        raise UserError("eval_dataset is empty: name the dataset_info.json entries to evaluate")
     eval_sets = load_eval_sets(config)  # bad data fails here, before any model loads
     accelerator = build_accelerator(config)
     quiet_other_ranks(accelerator)
@@ -45,12 +50,11 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
     model_config = dataclasses.replace(config.model, model_name_or_path=str(source))
     accelerator.print(f"evaluating {source} on {', '.join(config.data.eval_dataset)}")
     tokenizer = load_tokenizer(model_config)
+    facts = eval_token_facts(tokenizer, config.data.backtrack_token, accelerator)
     model = None
     if config.generation.engine == "hf":
         if is_adapter(source):
-            from llmhalluc.models.lora import load_adapter_model
-
-            model = load_adapter_model(Path(source), dtype="auto")
+            model, _ = load_pretrained(source)
         else:
             model = load_model(model_config, resolve_attention(model_config))
         model.config.use_cache = True
@@ -58,8 +62,8 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
             model = accelerator.prepare(model)  # ZeRO-3 keeps the weights sharded; its gathers run in generate
         else:
             model = model.to(accelerator.device)  # generation needs no gradient sync: no DDP wrapper
-    out_dir = Path(config.run.output_dir) / "eval"
-    results = evaluate_generations(model, tokenizer, config, accelerator, eval_sets, out_dir, str(source))
+    out_dir = results_dir(config)
+    results = evaluate_generations(model, tokenizer, facts, config, accelerator, eval_sets, out_dir, str(source))
     if accelerator.is_main_process:
         print(results_table(results), flush=True)
         print(f"predictions and results in {out_dir}", flush=True)
@@ -70,6 +74,18 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
+def eval_token_facts(tokenizer: PreTrainedTokenizerBase, backtrack_token: str | None, accelerator: Any) -> TokenFacts:
+    """The evaluated tokenizer's token facts; a configured backtrack token the model does not have (a base model
+    evaluated with its fine-tuning config) is said, and generations are then scored as written."""
+    if backtrack_token is not None and backtrack_token not in tokenizer.get_vocab():
+        accelerator.print(
+            f"note: the evaluated tokenizer has no {backtrack_token}; generations are scored as written, without "
+            "applying backtracks"
+        )
+        backtrack_token = None
+    return token_facts(tokenizer, backtrack_token)
+
+
 def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir: Path) -> None:
     """The metrics and a table of sample predictions, in the training run's wandb run when there is one."""
     import json
@@ -78,7 +94,7 @@ def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir:
 
     from llmhalluc.train.metrics import start_wandb
 
-    run = start_wandb(config, Path(config.run.output_dir), {"evaluation": True})
+    run = start_wandb(config, out_dir.parent, {"evaluation": True})
     run.log(metric_rows(results))
     for name in results:
         lines = (out_dir / name / "predictions.jsonl").read_text().splitlines()[:SAMPLE_ROWS]

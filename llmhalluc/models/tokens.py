@@ -16,19 +16,18 @@ broadcast, so every rank holds the 1-process result.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tokenizers import AddedToken
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llmhalluc.config import Config
+from llmhalluc.config import Config, read_token_descriptions
 from llmhalluc.errors import UserError
+from llmhalluc.runtime.zero import full_shape, gathered
 
 
 @dataclass
@@ -56,8 +55,7 @@ class NewTokens:
 
 def requested_tokens(config: Config) -> tuple[list[str], list[str], dict[str, str]]:
     """(special tokens, ordinary tokens, descriptions) the config asks for; the backtrack token joins the special
-    ones. A token listed twice, a config file that is not a mapping of token to text, or an empty description is
-    an error naming it."""
+    ones. A token listed twice is an error naming it (descriptions were checked with the config)."""
     model = config.model
     descriptions: dict[str, str] = {}
     if model.new_special_tokens_config:
@@ -69,30 +67,7 @@ def requested_tokens(config: Config) -> tuple[list[str], list[str], dict[str, st
     repeated = sorted({t for t in listed if listed.count(t) > 1})
     if repeated:
         raise UserError(f"add_special_tokens/add_tokens/new_special_tokens_config: {repeated[0]!r} is listed twice")
-    if model.init_special_tokens.startswith("desc_init"):
-        missing = [t for t in listed if not descriptions.get(t, "").strip()]
-        if missing:
-            raise UserError(
-                f"init_special_tokens: {model.init_special_tokens} needs a description for every new token, and "
-                f"{missing[0]!r} has none: give it one in new_special_tokens_config (a YAML mapping token: description)"
-            )
     return special, list(model.add_tokens), descriptions
-
-
-def read_token_descriptions(path: Path) -> dict[str, str]:
-    """new_special_tokens_config: a YAML mapping of token to its description."""
-    if not path.is_file():
-        raise UserError(f"new_special_tokens_config: file not found: {path}")
-    try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"new_special_tokens_config: {path} is not valid YAML: {err}") from None
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
-        raise UserError(f"new_special_tokens_config: {path} must be a mapping of token: description")
-    for token, description in mapping.items():
-        if not isinstance(description, str) or not description.strip():
-            raise UserError(f"new_special_tokens_config: token {token!r} in {path} has an empty description")
-    return mapping
 
 
 def add_tokens(tokenizer: PreTrainedTokenizerBase, config: Config) -> NewTokens:
@@ -136,14 +111,14 @@ def embed_new_tokens(
 ) -> None:
     """Give the new ids embedding rows (growing the matrices only when they do not fit) and initialise them."""
     embeddings = model.get_input_embeddings()
-    new.rows_before = new.rows_after = _rows(embeddings.weight)
+    new.rows_before = new.rows_after = full_shape(embeddings.weight)[0]
     if not new.ids:
         return
     needed = max(new.ids.values()) + 1
     if needed > new.rows_before:
         multiple = resize_to_multiple_of or own_padding_multiple(new.rows_before)
         model.resize_token_embeddings(needed, pad_to_multiple_of=multiple, mean_resizing=False)
-        new.rows_after = _rows(model.get_input_embeddings().weight)
+        new.rows_after = full_shape(model.get_input_embeddings().weight)[0]
     ids = torch.tensor(sorted(new.ids.values()))
     tokens = sorted(new.ids, key=new.ids.get)
     hidden = model.config.get_text_config().hidden_size
@@ -156,7 +131,7 @@ def embed_new_tokens(
     if output is not None and output.weight is not matrices[0]:
         matrices.append(output.weight)
     for weight in matrices:
-        with _gathered(weight):
+        with gathered([weight], modifier_rank=0):
             rows = weight.data
             if new.init == "noise_init":
                 base = rows[: new.original_size].float().mean(dim=0, keepdim=True).expand(len(ids), -1)
@@ -170,16 +145,3 @@ def embed_new_tokens(
 
 def _description_ids(tokenizer: PreTrainedTokenizerBase, description: str) -> torch.Tensor:
     return torch.tensor(tokenizer(description, add_special_tokens=False)["input_ids"])
-
-
-def _rows(weight: torch.Tensor) -> int:
-    return getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape aside
-
-
-def _gathered(weight: torch.Tensor) -> Any:
-    """The whole parameter for the block, computed on rank 0 and broadcast after it under ZeRO-3."""
-    if not hasattr(weight, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)

@@ -1,4 +1,17 @@
-"""Checkpoints: written to a temporary folder, moved into place only when every rank has finished, rotated after."""
+"""Checkpoints: written to a temporary folder, moved into place only when every rank has finished, rotated after.
+
+A checkpoint is a model folder (llmhalluc.models.export: the model or adapter as the final save writes it, loadable
+on its own) plus what an exact resume needs besides the weights:
+
+    checkpoint-<step>/  the model folder's files
+        training_state/   accelerate's save_state: optimizer, scheduler, every rank's RNG (under DeepSpeed its engine
+                          checkpoint, fp32 weights included); outside DeepSpeed the weights are the model folder's
+        trainer_state.json, config.yaml
+        COMPLETE          written last: every file of the checkpoint with its size
+
+With save_only_model the checkpoint is the model folder alone. Resuming checks every listed file, then that the
+model folder holds exactly the tensors of the model this config builds, before anything is loaded.
+"""
 
 from __future__ import annotations
 
@@ -13,40 +26,15 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from llmhalluc.config import Config
+from llmhalluc.config import Config, identity_keys
 from llmhalluc.data.batching import GlobalBatchSampler
 from llmhalluc.errors import UserError
+from llmhalluc.models.export import ModelExport, check_model_folder, load_model_weights, save_model
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 # What makes two runs the same run: a checkpoint resumes only a run that agrees on all of these.
-RUN_IDENTITY_KEYS = (
-    "model_name_or_path",
-    "template",
-    "dataset",
-    "dataset_dir",
-    "max_length",
-    "packing",
-    "packing_strategy",
-    "train_on_prompt",
-    "mask_history",
-    "max_samples",
-    "abstention_answer",
-    "seed",
-    "backtrack_token",
-    "mask_backtracked",
-    "backtrack_position_ids",
-    "mix_strategy",
-    "interleave_probs",
-    "add_special_tokens",
-    "add_tokens",
-    "new_special_tokens_config",
-    "init_special_tokens",
-    "finetuning_type",
-    "lora_rank",
-    "lora_target",
-    "additional_target",
-)
+TRAINING_STATE = "training_state"
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -119,43 +107,66 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
-def save_training_state(accelerator: Accelerator, model: Any, folder: Path, lora: bool) -> None:
-    """accelerator.save_state; with LoRA only the trainable weights are stored (the base is the base model's)."""
-    if not lora:
-        accelerator.save_state(str(folder))
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.save_state(str(folder), exclude_frozen_parameters=True)
+def save_training_state(accelerator: Accelerator, folder: Path, lora: bool) -> None:
+    """accelerate's save_state into folder/training_state. Under DeepSpeed that is its engine checkpoint (with LoRA
+    only the trainable weights: the base is the base model's); otherwise the weights are left out, as the
+    checkpoint's model folder holds them."""
+    target = str(folder / TRAINING_STATE)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.save_state(target, exclude_frozen_parameters=lora)
+        return
+    hook = accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    try:
+        accelerator.save_state(target)
+    finally:
+        hook.remove()
+
+
+def load_checkpoint(accelerator: Accelerator, model: Any, checkpoint: Path, export: ModelExport) -> TrainerState:
+    """Restore the run saved in `checkpoint` (every rank calls it): its files are checked against the list written
+    when it completed, its model folder against the model this config builds, then weights and training state are
+    loaded; returns its TrainerState."""
+    check_files(checkpoint)
+    network = accelerator.unwrap_model(model, keep_torch_compile=False)
+    lora = export.kind == "lora"
+    state = str(checkpoint / TRAINING_STATE)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        check_model_folder(checkpoint, network, export)
+        accelerator.load_state(state, load_module_strict=not lora)  # LoRA: the frozen base was not saved
     else:
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-
-        def keep_trainable(models: list, weights: list, output_dir: str) -> None:
-            weights[:] = [{k: v for k, v in w.items() if k in trainable} for w in weights]
-
-        hook = accelerator.register_save_state_pre_hook(keep_trainable)
+        load_model_weights(network, checkpoint, export)
+        hook = accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
         try:
-            accelerator.save_state(str(folder))
+            accelerator.load_state(state)
         finally:
             hook.remove()
+    return TrainerState.read(checkpoint)
 
 
-def load_training_state(accelerator: Accelerator, folder: Path, lora: bool) -> None:
-    """accelerator.load_state; a LoRA checkpoint holds only the trainable weights, so the rest stays as loaded."""
-    if not lora:
-        accelerator.load_state(str(folder))
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.load_state(str(folder), load_module_strict=False)
-    else:
-        accelerator.load_state(str(folder), strict=False)
+def check_files(checkpoint: Path) -> None:
+    """Every file the checkpoint listed in COMPLETE when it was written is there, with its size."""
+    listed = (checkpoint / COMPLETE_MARKER).read_text().strip()
+    if not listed:
+        raise UserError(f"{checkpoint} was written by an older llmhalluc (no file list): it cannot be resumed exactly")
+    for name, size in json.loads(listed)["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the checkpoint is damaged (it held this file when it was written)")
+        if path.stat().st_size != size:
+            raise UserError(f"{path} has {path.stat().st_size} bytes, {size} when it was written: the file is damaged")
 
 
 def check_resumable(checkpoint: Path) -> None:
     """A checkpoint saved with save_only_model holds no optimizer state, so no run resumes from it exactly."""
+    if (checkpoint / TRAINING_STATE).is_dir():
+        return
     saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
     if saved.get("save_only_model"):
         raise UserError(
             f"{checkpoint} was saved with save_only_model: true (weights only, no optimizer, scheduler or RNG "
             "state), so training cannot resume from it exactly; load it as a model (model_name_or_path) instead"
         )
+    raise UserError(f"{checkpoint / TRAINING_STATE} is missing: the checkpoint cannot be resumed")
 
 
 def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
@@ -175,7 +186,7 @@ def check_same_run(checkpoint: Path, config: Config, sampler: GlobalBatchSampler
     current = config.to_flat_dict()
     problems = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {current[key]!r}"
-        for key in RUN_IDENTITY_KEYS
+        for key in identity_keys()
         if saved.get(key) != current[key]
     ]
     state = TrainerState.read(checkpoint)
@@ -212,32 +223,25 @@ def save_checkpoint(
     config: Config,
     model: Any,
     tokenizer: Any,
+    export: ModelExport,
 ) -> Path:
-    """Save output_dir/checkpoint-<step>; all ranks call it. It holds the model's config, generation config and
-    tokenizer (loadable as a model where the weights are plain: one process or DDP), and either the whole training
-    state (model, optimizer, scheduler, every rank's RNG, trainer_state.json) or, with save_only_model, the model
-    alone in Hugging Face format."""
-    from llmhalluc.models.saving import save_final_model, save_model_metadata
-
+    """Save output_dir/checkpoint-<step>; all ranks call it. It is the model folder (loadable on its own) and,
+    unless save_only_model, the training state; COMPLETE lists its files once every rank has written its part."""
     final = output_dir / f"checkpoint-{state.step}"
     staging = output_dir / f"tmp-checkpoint-{state.step}"
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    if config.run.save_only_model:
-        save_final_model(accelerator, model, tokenizer, staging, config)
-    else:
-        save_training_state(accelerator, model, staging, lora=config.model.finetuning_type == "lora")
+    if not config.run.save_only_model:
+        save_training_state(accelerator, staging, lora=export.kind == "lora")
+    save_model(accelerator, model, tokenizer, export, staging)
     if accelerator.is_main_process:
         state.write(staging)
         (staging / CONFIG_FILE).write_text(config.to_yaml())
-        if config.model.finetuning_type == "lora":
-            tokenizer.save_pretrained(staging)  # the adapter's training state; the base stays the base model's
-        else:
-            save_model_metadata(accelerator.unwrap_model(model), tokenizer, staging)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the checkpoint is declared complete
     if accelerator.is_main_process:
-        (staging / COMPLETE_MARKER).write_text("")
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

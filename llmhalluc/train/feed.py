@@ -26,7 +26,7 @@ from llmhalluc.data.batching import (
 )
 from llmhalluc.data.pipeline import DatasetStats, column, prepare_dataset
 from llmhalluc.errors import UserError
-from llmhalluc.train.dist import data_preparation_turns
+from llmhalluc.runtime.dist import data_preparation_turns
 
 LAYOUTS = ("padded", "padding_free", "packed")
 

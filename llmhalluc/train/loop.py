@@ -23,29 +23,30 @@ from accelerate.utils import DistributedType, set_seed
 
 from llmhalluc.config import Config
 from llmhalluc.data.batching import PaddedCollator, eval_batches
+from llmhalluc.data.facts import token_facts
 from llmhalluc.errors import Diverged
 from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows
 from llmhalluc.models.attention import use_packed_sdpa
+from llmhalluc.models.export import load_hint, merge_adapter, plan_export, save_model
 from llmhalluc.models.loading import load_dtype, load_model, load_tokenizer, resolve_attention
 from llmhalluc.models.lora import parameter_counts, wrap_lora
-from llmhalluc.models.saving import save_final_model
 from llmhalluc.models.tokens import add_tokens, embed_new_tokens
 from llmhalluc.plot import write_loss_plot
+from llmhalluc.runtime.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks, zero3_init_disabled
 from llmhalluc.train.checkpoint import (
     TrainerState,
     check_output_dir,
     check_resumable,
     check_same_run,
-    load_training_state,
+    load_checkpoint,
     save_checkpoint,
 )
-from llmhalluc.train.dist import build_accelerator, deepspeed_config_of, quiet_other_ranks
 from llmhalluc.train.feed import accumulation_windows, batch_layout, build_train_loader, prepare_eval_set
 from llmhalluc.train.loss import causal_lm_of, cross_entropy_sum
 from llmhalluc.train.metrics import MetricsLogger, StepResult, WindowMeter, flops_model_of
 from llmhalluc.train.optim import build_optimizer
 from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
-from llmhalluc.train.summary import RunRecord, final_metrics, how_to_load, report, run_summary
+from llmhalluc.train.summary import RunRecord, final_metrics, report, run_summary
 
 
 def train(config: Config) -> Path:
@@ -60,6 +61,7 @@ def train(config: Config) -> Path:
         check_resumable(resume_dir)
     tokenizer = load_tokenizer(model_config)
     new_tokens = add_tokens(tokenizer, config)  # before the data: a new token is one token wherever it appears
+    facts = token_facts(tokenizer, config.data.backtrack_token, new_tokens.ids)
     on_gpu = accelerator.device.type == "cuda"
     attention = resolve_attention(model_config)
     layout = batch_layout(config.data, attention, on_gpu, model_config.torch_compile)
@@ -77,6 +79,7 @@ def train(config: Config) -> Path:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     model = load_model(model_config, attention, load_dtype(accelerator.mixed_precision == "bf16", deepspeed))
     embed_new_tokens(model, tokenizer, new_tokens, training.seed, model_config.resize_vocab_to_multiple_of)
+    export = plan_export(model_config, new_tokens, facts)
     train_data.summary["new_tokens"] = new_tokens.summary()
     if model_config.finetuning_type == "lora":
         model = wrap_lora(model, model_config, new_tokens, training.seed)
@@ -113,8 +116,7 @@ def train(config: Config) -> Path:
         num_processes=accelerator.num_processes,
     )
     if resume_dir is not None:
-        load_training_state(accelerator, resume_dir, lora=model_config.finetuning_type == "lora")
-        state = TrainerState.read(resume_dir)
+        state = load_checkpoint(accelerator, model, resume_dir, export)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     logger = MetricsLogger(config, output_dir, accelerator.is_main_process, total_steps, state.step, record.summary)
     logger.log_html_table("mask_audit/examples", ["dataset", "example"], train_data.audit_panel)
@@ -161,17 +163,22 @@ def train(config: Config) -> Path:
                 logger.log({"step": state.step, **evaluation, "eval_time": time.perf_counter() - started})
             if prompts and (state.step % generation.generation_eval_steps == 0 or last):
                 started = time.perf_counter()
-                results = evaluate_generations(model, tokenizer, config, accelerator, prompts, progress=False)
+                results = evaluate_generations(model, tokenizer, facts, config, accelerator, prompts, progress=False)
                 logger.log({"step": state.step, **metric_rows(results), "gen_time": time.perf_counter() - started})
             if saving or stopping:
-                save_checkpoint(accelerator, output_dir, state, config, model, tokenizer)
+                save_checkpoint(accelerator, output_dir, state, config, model, tokenizer, export)
                 if accelerator.is_main_process:
                     write_loss_plot(output_dir)
             if stopping:
                 status = "preempted"
                 stop_for_preemption(accelerator, output_dir, state, watch)
             logger.advance()
-        save_final_model(accelerator, model, tokenizer, output_dir, config, new_tokens)
+        save_model(accelerator, model, tokenizer, export, output_dir)
+        if export.merge:  # once, at the end: base + adapter as a model that loads without peft
+            if accelerator.is_main_process:
+                with zero3_init_disabled(accelerator):
+                    merge_adapter(output_dir, output_dir / "merged")
+            accelerator.wait_for_everyone()
         status = "finished"
     except BaseException as err:
         if status == "failed":
@@ -184,7 +191,7 @@ def train(config: Config) -> Path:
             final = final_metrics(output_dir, state.train_seconds, state.trained_tokens_seen, state.step)
             record.finish(status, final)
             write_loss_plot(output_dir)
-            load = how_to_load(config) if status == "finished" else None
+            load = load_hint(output_dir, export) if status == "finished" else None
             print(report(status, record, final, output_dir, load), flush=True)
         # The DeepSpeed engine is torn down while the process group still exists, on every path out: left to the
         # garbage collector at interpreter exit, its cleanup can run after the group is gone (a ZeRO-3 rank once

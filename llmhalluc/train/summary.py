@@ -12,7 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from llmhalluc.config import Config
-from llmhalluc.train.dist import deepspeed_config_of, zero_stage
+from llmhalluc.runtime.dist import deepspeed_config_of, zero_stage
 from llmhalluc.train.feed import TrainData
 from llmhalluc.train.metrics import METRICS_FILE
 
@@ -106,18 +106,7 @@ def final_metrics(output_dir: Path, train_seconds: float, trained_tokens: int, s
     return final
 
 
-def how_to_load(config: Config) -> str:
-    """The line of the final report that says how to use the result."""
-    if config.model.finetuning_type == "lora":
-        merged = " (merged: output_dir/merged, a plain model)" if config.model.merge else ""
-        return (
-            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({config.model.model_name_or_path!r}), "
-            f"path){merged}; or python -m llmhalluc.merge path OUT"
-        )
-    return "AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)"
-
-
-def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Path, load: str | None) -> str:
+def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Path, load: list[str] | None) -> str:
     """The block printed when a run ends: what it achieved and where the model is."""
     lines = [f"run {status}: {final.get('steps', 0)} steps in {time.time() - record.started:.0f} s wall time"]
     if "train_loss" in final:
@@ -133,7 +122,8 @@ def report(status: str, record: RunRecord, final: dict[str, Any], output_dir: Pa
         lines.append(f"  {key}  {final[key]:.4f}")
     if load is not None:
         lines.append(f"  model             {output_dir.resolve()}")
-        lines.append(f"  load it with      {load}")
+        lines.append(f"  load it with      {load[0]}")
+        lines += [f"  or                {line}" for line in load[1:]]
     lines.append(f"  metrics           {output_dir / METRICS_FILE}, plot {output_dir / 'loss.png'}")
     return "\n".join(lines)
 

@@ -225,6 +225,21 @@ def resolve_deepspeed_config(
         raise UserError("\n".join(problems) + '\n(set these to "auto" in the json to follow the experiment)')
 
 
+@contextmanager
+def zero3_init_disabled(accelerator: Accelerator) -> Iterator[None]:
+    """A block in which models load whole on one process: under a ZeRO-3 launch transformers would otherwise build
+    them sharded (deepspeed.zero.Init), a collective that only this rank enters (a merge on the main process)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    held = getattr(accelerator.state.deepspeed_plugin, "dschf", None) if accelerator.state.deepspeed_plugin else None
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            set_hf_deepspeed_config(held)
+
+
 def zero_stage(accelerator: Accelerator) -> int | None:
     """The ZeRO stage, or None without DeepSpeed."""
     ds_config = deepspeed_config_of(accelerator)
