@@ -6,8 +6,8 @@ materialised the saved weights).
 
 A ~150M-parameter random-init Llama (stored in bf16, as hub checkpoints are) trains one step; every rank reports
 its peak resident memory after loading the model, and its resident memory just before the final save and the peak
-during it (the high-water mark reset first; sitecustomize hooks around the loop's load_model and save_final_model,
-which both versions have).
+during it (the high-water mark reset first; sitecustomize hooks around setup's load_model and the loop's
+save_final_model).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def _reset_peak():
         f.write("5")  # resets VmHWM to the current resident size
 if os.environ.get("RANK") is not None:
     import llmhalluc.train.loop as loop
+    import llmhalluc.train.setup as setup
     record = {}
-    real_load, real_save = loop.load_model, loop.save_final_model
+    real_load, real_save = setup.load_model, loop.save_final_model
     def load_model(*args, **kwargs):
         model = real_load(*args, **kwargs)
         record["peak_after_load_gb"] = _peak()
@@ -53,7 +54,7 @@ if os.environ.get("RANK") is not None:
         with open(os.path.join(os.environ["HOST_MEMORY_OUT"], f"rank{os.environ['RANK']}.json"), "w") as f:
             json.dump(record, f)
         return result
-    loop.load_model, loop.save_final_model = load_model, save_final_model
+    setup.load_model, loop.save_final_model = load_model, save_final_model
 """
 
 

@@ -19,7 +19,10 @@ from vendor import load_vendor_tokenizer
 
 from llmhalluc.data import IGNORE_INDEX, apply_backtracks, backtrack_positions, tokenize_chat
 from llmhalluc.data.batching import PackedCollator, PaddedCollator, PaddingFreeCollator
-from llmhalluc.data.chat import TokenizeOptions, backtrack_id_of, label_tokens, render_with_assistant_spans, stop_ids
+from llmhalluc.data.chat import backtrack_id_of
+from llmhalluc.data.labels import TokenizeOptions, label_tokens
+from llmhalluc.data.spans import render_with_assistant_spans
+from llmhalluc.data.template import stop_ids
 from llmhalluc.models.attention import PACKED_SDPA, use_packed_sdpa
 from llmhalluc.models.tiny import build_tokenizer
 from llmhalluc.train.loss import model_inputs

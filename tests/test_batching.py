@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
+from llmhalluc.data import IGNORE_INDEX, tokenize_chat
 from llmhalluc.data.batching import (
     GlobalBatchSampler,
     PackedCollator,
@@ -20,7 +21,6 @@ from llmhalluc.data.batching import (
     pack_shuffled_best_fit,
     packing_efficiency,
 )
-from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
 from llmhalluc.models.attention import PACKED_SDPA, use_packed_sdpa
 from llmhalluc.train.loss import cross_entropy_sum as loss_parts
 from llmhalluc.train.loss import model_inputs

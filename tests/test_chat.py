@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trl
 
-from llmhalluc.data.chat import IGNORE_INDEX, has_generation_markers, tokenize_chat
+from llmhalluc.data import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data.template import has_generation_markers
 from llmhalluc.data.templates import BUILTIN_TEMPLATES, read_builtin_template
 from llmhalluc.errors import TemplateError
 from llmhalluc.models.tiny import TEMPLATE_TOKENS, build_tokenizer

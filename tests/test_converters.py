@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmhalluc.data.converters import CONVERTERS, ConvertOptions, DropRow, check_chat, to_chat
-from llmhalluc.data.registry import DEFAULT_TAGS, DatasetSpec
+from llmhalluc.data.registry import DEFAULT_TAGS
+from llmhalluc.data.spec import DatasetSpec
 
 OPTIONS = ConvertOptions(abstention_answer="I don't know.")
 

@@ -46,6 +46,7 @@ def lora_eight(tmp_path_factory, tiny_model_dir) -> dict:
         "max_length=1024",
         "max_steps=1",
         "learning_rate=1e-2",
+        "adam_epsilon=1e-3",  # see test_zero3_saves_the_trained_adapter_equal_to_one_process
         "lr_scheduler_type=constant",
         "warmup_ratio=0",
         "logging_steps=1",
@@ -110,16 +111,18 @@ def test_lora_step_matches_the_peft_reference_at_every_split(lora_eight, lora_sp
 @pytest.mark.slow
 def test_zero3_saves_the_trained_adapter_equal_to_one_process(lora_eight, lora_splits):
     """After the one step of the split runs (same global batch), the saved adapters agree. A is unchanged by the
-    first step (its gradient is zero while B is), B moved by AdamW's first update -lr * g / (|g| + eps): a relative
-    difference d in a gradient element (float32 reduction order across ranks, d < 1e-4) moves it by at most
-    lr * d = 1e-6 at lr 1e-2, far below the update itself (lr, for every element that trained)."""
+    first step (its gradient is zero while B is); B moved by AdamW's first update, -lr * g / (|g| + eps) per element,
+    whose change under a gradient error d is at most lr * d / eps. Gradients differ across launches only by float32
+    reduction order, d <= 1e-7 for gradients of magnitude <= 1 (2^-23 relative); with lr 1e-2 and eps 1e-3 (set for
+    this: at the default 1e-8 an element whose gradient is itself ~1e-9 may move by up to lr) the adapters must
+    agree to 1e-6, while every element that trained moved by ~lr * |g| / (|g| + eps)."""
     one = load_file(lora_splits["1proc-mbs8"] / "adapter_model.safetensors")
     zero3 = load_file(lora_splits["zero3-mbs1-ga4"] / "adapter_model.safetensors")
     assert one.keys() == zero3.keys() and len(one) == 56  # A and B of 7 linear layers x 4 blocks
     for key in one:
         assert zero3[key].numel() > 0, key  # gathered whole, never an empty shard
         torch.testing.assert_close(zero3[key], one[key], atol=1e-6, rtol=0, msg=key)
-    assert all(v.abs().max() > 5e-3 for k, v in one.items() if "lora_B" in k)  # B starts at zero: it trained
+    assert all(v.abs().max() > 1e-3 for k, v in one.items() if "lora_B" in k)  # B starts at zero: it trained
     config = json.loads((lora_splits["zero3-mbs1-ga4"] / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]).is_absolute() and config["r"] == 4
 

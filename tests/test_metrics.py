@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmhalluc.train.metrics import flops_model_of, mfu, peak_flops_for, training_flops
+from llmhalluc.train.meter import flops_model_of, mfu, peak_flops_for, training_flops
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 64, 3, 4, 2, 24, 160, 300
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_chats
 
 from llmhalluc.config import DataConfig
-from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data import IGNORE_INDEX, tokenize_chat
 from llmhalluc.data.pipeline import prepare_dataset
 from llmhalluc.errors import DataError
 from llmhalluc.models.tiny import build_tokenizer

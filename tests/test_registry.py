@@ -207,18 +207,19 @@ def test_malformed_registry_names_line(tmp_path):
         resolve_dataset("a", tmp_path)
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path):
+def test_malformed_jsonl_names_file_line_and_column(tmp_path, capfd):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl", "formatting": "openai"}}))
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     (tmp_path / "d.jsonl").write_text(f'{good}\n{good}\n{{"messages": [}}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:3: malformed JSON line"):
+    with pytest.raises(DataError, match=r"d.jsonl:3:15: malformed JSON line: Expecting value$"):
         load_raw_dataset(resolve_dataset("d", tmp_path))
+    assert "row 2" not in capfd.readouterr().err  # datasets' own message counts rows from 0: not shown
 
 
 def test_malformed_json_array_names_file_and_line(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
     (tmp_path / "d.json").write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]')
-    with pytest.raises(DataError, match=r"d.json:3: malformed JSON"):
+    with pytest.raises(DataError, match=r"d.json:3:22: malformed JSON: Expecting ','"):
         load_raw_dataset(resolve_dataset("d", tmp_path))
 
 

@@ -146,8 +146,8 @@ def test_bad_token_settings_name_the_token(tmp_path, keys, message):
 
 DUMP_INITIAL_ROWS = """
 import os, torch
-import llmhalluc.train.loop as loop
-real = loop.embed_new_tokens
+import llmhalluc.train.setup as setup
+real = setup.embed_new_tokens
 def embed_new_tokens(model, tokenizer, new, *args, **kwargs):
     real(model, tokenizer, new, *args, **kwargs)
     weight = model.get_input_embeddings().weight
@@ -159,7 +159,7 @@ def embed_new_tokens(model, tokenizer, new, *args, **kwargs):
         rows = weight.data.clone()
     if os.environ.get("RANK", "0") == "0":
         torch.save({"rows": rows, "ids": new.ids}, os.environ["DUMP_ROWS"])
-loop.embed_new_tokens = embed_new_tokens
+setup.embed_new_tokens = embed_new_tokens
 """
 
 

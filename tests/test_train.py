@@ -17,7 +17,7 @@ from conftest import read_metrics, run_sft, run_sft_many, write_chats
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmhalluc.data.chat import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data import IGNORE_INDEX, tokenize_chat
 from llmhalluc.data.templates import read_builtin_template
 from llmhalluc.models.attention import PACKED_SDPA
 

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import DataConfig
-from llmhalluc.data.chat import IGNORE_INDEX
+from llmhalluc.data.labels import IGNORE_INDEX
 from llmhalluc.data.pipeline import DatasetStats
 
 SMALL_SHARE = 0.01  # a dataset below 1% of the mix, when more was asked for, is starved

@@ -6,8 +6,8 @@ training tokenizer:
 
 - `apply_backtracks`: the text as the model meant it (each backtrack deletes itself and the nearest surviving token
   before it), for scoring generations;
-- `mask_backtracked`: labels -100 on the k tokens before each run of k backtracks, never reaching outside the
-  assistant span the run is in;
+- `find_backtracked`: the k tokens before each run of k backtracks (never reaching outside the assistant span the
+  run is in), which masked SFT keeps out of the labels;
 - `backtrack_positions`: position ids that follow the text as it stands after the deletions.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-IGNORE_INDEX = -100
 
 
 def apply_backtracks(token_ids: Sequence[int], backtrack_id: int) -> list[int]:
@@ -52,16 +50,16 @@ class BacktrackStats:
 
     runs: int = 0
     tokens: int = 0  # backtrack tokens inside assistant spans
-    masked: int = 0  # tokens set to -100 (0 unless masking is on)
+    masked: int = 0  # tokens kept out of the labels (0 unless masking is on)
     clamped: int = 0  # runs with fewer tokens before them in their span than backtracks
-    masked_positions: list[int] = field(default_factory=list)  # where the labels became -100
+    masked_positions: list[int] = field(default_factory=list)  # the tokens masked SFT keeps out of the labels
 
 
-def mask_backtracked(
-    token_ids: Sequence[int], labels: list[int], spans: Sequence[tuple[int, int]], backtrack_id: int, mask: bool
+def find_backtracked(
+    token_ids: Sequence[int], spans: Sequence[tuple[int, int]], backtrack_id: int, mask: bool
 ) -> BacktrackStats:
-    """For each run of k backtracks inside a token span [first, stop), set the labels of the k tokens before the run
-    (within the span) to -100 when `mask`; count runs, masked tokens and runs clamped at the span's start."""
+    """For each run of k backtracks inside a token span [first, stop), the k tokens before the run (within the span)
+    as masked_positions when `mask`; count runs, masked tokens and runs clamped at the span's start."""
     stats = BacktrackStats()
     for first, stop in spans:
         for run_start, length in backtrack_runs(token_ids, backtrack_id, first, stop):
@@ -71,7 +69,6 @@ def mask_backtracked(
             if run_start - length < first:
                 stats.clamped += 1
             if mask:
-                labels[begin:run_start] = [IGNORE_INDEX] * (run_start - begin)
                 stats.masked += run_start - begin
                 stats.masked_positions.extend(range(begin, run_start))
     return stats

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from llmhalluc.data.chat import IGNORE_INDEX
+from llmhalluc.data.labels import IGNORE_INDEX
 
 Example = dict[str, Any]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from llmhalluc.data.registry import DatasetSpec
+from llmhalluc.data.spec import DatasetSpec
 
 Messages = list[dict[str, Any]]
 # Message fields a chat may carry besides role and content, passed through to the template and the masker:

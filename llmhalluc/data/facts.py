@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from llmhalluc.data.chat import backtrack_id_of, end_of_turn_id
+from llmhalluc.data.chat import backtrack_id_of
+from llmhalluc.data.template import end_of_turn_id
 
 
 @dataclass(frozen=True)

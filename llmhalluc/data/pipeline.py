@@ -17,21 +17,14 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import DataConfig
-from llmhalluc.data import backtrack, chat, converters
-from llmhalluc.data.chat import (
-    IGNORE_INDEX,
-    Messages,
-    TokenizeOptions,
-    TurnSpan,
-    backtrack_id_of,
-    chat_template_of,
-    label_tokens,
-    render_chats_with_assistant_spans,
-    render_with_assistant_spans,
-    stop_ids,
-)
+from llmhalluc.data import backtrack, chat, converters, labels, spans, template
+from llmhalluc.data.chat import backtrack_id_of
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
-from llmhalluc.data.registry import DatasetSpec, load_rows
+from llmhalluc.data.labels import IGNORE_INDEX, LabeledChat, TokenizeOptions, label_tokens
+from llmhalluc.data.registry import load_rows
+from llmhalluc.data.spans import TurnSpan, render_chats_with_assistant_spans, render_with_assistant_spans
+from llmhalluc.data.spec import DatasetSpec
+from llmhalluc.data.template import Messages, chat_template_of, stop_ids
 from llmhalluc.errors import DataError, TemplateError
 
 DROP_HINTS = {
@@ -290,7 +283,7 @@ def _process_batch(
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in pairs], add_special_tokens=False)
     stops = stop_ids(tokenizer)
     for i, messages in enumerate(chats):
-        labeled = chat.LabeledChat([], [])
+        labeled = LabeledChat([], [])
         if messages is not None:
             text, spans = pairs[i]
             try:
@@ -353,7 +346,7 @@ def fingerprint(
     digest = hashlib.sha256()
     for part in (raw._fingerprint, repr(spec), repr(convert), repr(options), tokenizer_fingerprint(tokenizer)):
         digest.update(part.encode())
-    for module in (chat, converters, backtrack):
+    for module in (chat, template, spans, labels, converters, backtrack):
         digest.update(inspect.getsource(module).encode())
     for function in (_process_batch, _render_rows, _int32_lists, output_schema):
         digest.update(inspect.getsource(function).encode())

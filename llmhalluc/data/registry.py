@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from llmhalluc.data.converters import CONVERTERS
+from llmhalluc.data.spec import DatasetSpec
 from llmhalluc.errors import DataError
 from llmhalluc.hub import check_hub_name
 
@@ -66,25 +67,6 @@ DEFAULT_TAGS = {
     "openai": dict(zip(TAG_KEYS, ("role", "content", "user", "assistant", "tool", "function_call", "system"))),
 }
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset_info.json entry, validated: where the rows are and how they become chats."""
-
-    name: str
-    source: str  # "file" or "hf_hub"
-    location: str  # a local path (file or folder) or a hub repository id
-    formatting: str
-    converter: str
-    columns: dict[str, str | None] = field(default_factory=dict)
-    tags: dict[str, str | None] = field(default_factory=dict)
-    subset: str | None = None
-    split: str = "train"
-    folder: str | None = None
-    num_samples: int | None = None
-    columns_given: bool = False
-    metric: str | None = None  # (ours) how train/eval.py scores generations; None: chosen by the converter
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -230,6 +212,10 @@ def _load_local(spec: DatasetSpec) -> datasets.Dataset:
             f"found {sorted(suffixes)}"
         )
     builder = FILE_BUILDERS[files[0].suffix]
+    # datasets logs its own error first, counting rows from 0; the DataError below names file, line and column.
+    quiet = datasets.utils.logging.get_logger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as err:
@@ -237,6 +223,8 @@ def _load_local(spec: DatasetSpec) -> datasets.Dataset:
             for file in files:
                 check_json_file(file)
         raise DataError(f"dataset {spec.name!r}: cannot read {path}: {err}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_json_file(path: Path) -> None:
@@ -249,14 +237,14 @@ def check_json_file(path: Path) -> None:
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {err.msg}") from None
+                raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}") from None
 
 
 def _sample(dataset: datasets.Dataset, num_samples: int, seed: int) -> datasets.Dataset:

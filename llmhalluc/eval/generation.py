@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import GenerationEvalConfig
 from llmhalluc.data.backtrack import apply_backtracks
-from llmhalluc.data.chat import render
 from llmhalluc.data.facts import TokenFacts
+from llmhalluc.data.template import render
 from llmhalluc.errors import UserError
 
 

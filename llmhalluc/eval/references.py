@@ -9,7 +9,8 @@ from typing import Any
 
 from llmhalluc.config import DataConfig
 from llmhalluc.data.converters import ConvertOptions, DropRow, to_chat
-from llmhalluc.data.registry import DatasetSpec, load_rows
+from llmhalluc.data.registry import load_rows
+from llmhalluc.data.spec import DatasetSpec
 from llmhalluc.errors import DataError
 from llmhalluc.eval.metrics import gsm8k_answerable
 

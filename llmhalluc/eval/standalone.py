@@ -92,7 +92,7 @@ def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir:
 
     import wandb
 
-    from llmhalluc.train.metrics import start_wandb
+    from llmhalluc.runtime.tracking import start_wandb
 
     run = start_wandb(config, out_dir.parent, {"evaluation": True})
     run.log(metric_rows(results))

@@ -56,6 +56,12 @@ def packed_sdpa_attention(
     return flat.view(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
+def per_example_sdpa(attention: str, on_gpu: bool, compiled: bool) -> bool:
+    """Whether padding-free and packed rows run per-example sdpa: sdpa on CPU, not compiled (on GPU flash-attention
+    varlen keeps examples apart; compiled graphs keep transformers' masks)."""
+    return attention == "sdpa" and not on_gpu and not compiled
+
+
 def use_packed_sdpa(model: PreTrainedModel) -> None:
     """Switch an sdpa model to per-segment attention on packed batches (masks for padded batches stay sdpa's)."""
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmhalluc.config import ModelConfig
-from llmhalluc.data.chat import chat_template_of
+from llmhalluc.data.template import chat_template_of
 from llmhalluc.data.templates import BUILTIN_TEMPLATES, read_builtin_template
 from llmhalluc.errors import UserError
 from llmhalluc.hub import check_hub_name

@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType
 from llmhalluc.config import Config, identity_keys
 from llmhalluc.data.batching import GlobalBatchSampler
 from llmhalluc.errors import UserError
-from llmhalluc.models.export import ModelExport, check_model_folder, load_model_weights, save_model
+from llmhalluc.models.export import check_model_folder, load_model_weights, save_model
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
@@ -54,6 +54,30 @@ class TrainerState:
     nonfinite_steps: int = 0
     num_processes: int = 0  # 0: a checkpoint written before this was recorded
     train_seconds: float = 0.0  # time spent in training steps (not evaluation or saving)
+
+    @classmethod
+    def start(cls, run: Any) -> TrainerState:
+        """The state of a run starting at step 0."""
+        sampler = run.data.sampler
+        return cls(
+            data_seed=run.config.training.seed,
+            global_batch_size=sampler.global_batch,
+            steps_per_epoch=sampler.steps_per_epoch,
+            num_processes=run.accelerator.num_processes,
+        )
+
+    def advance(self, applied: bool, seconds: float, global_batch: int) -> None:
+        """Count one optimizer step (applied, or skipped for a non-finite gradient) that took `seconds`."""
+        self.step += 1
+        self.train_seconds += seconds
+        self.nonfinite_steps = 0 if applied else self.nonfinite_steps + 1
+        self.samples_seen += global_batch
+
+    def count_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Add a metrics row's tokens to the totals; the row with tokens_seen."""
+        self.tokens_seen += row["tokens"]
+        self.trained_tokens_seen += row["trained_tokens"]
+        return {**row, "tokens_seen": self.tokens_seen}
 
     def write(self, folder: Path) -> None:
         """Save as folder/trainer_state.json."""
@@ -122,10 +146,11 @@ def save_training_state(accelerator: Accelerator, folder: Path, lora: bool) -> N
         hook.remove()
 
 
-def load_checkpoint(accelerator: Accelerator, model: Any, checkpoint: Path, export: ModelExport) -> TrainerState:
-    """Restore the run saved in `checkpoint` (every rank calls it): its files are checked against the list written
-    when it completed, its model folder against the model this config builds, then weights and training state are
-    loaded; returns its TrainerState."""
+def load_checkpoint(run: Any) -> TrainerState:
+    """Restore the run from its resume_from checkpoint (every rank calls it): the files are checked against the list
+    written when it completed, its model folder against the model this config builds, then weights and training
+    state are loaded; returns its TrainerState."""
+    accelerator, model, checkpoint, export = run.accelerator, run.model, run.resume_from, run.export
     check_files(checkpoint)
     network = accelerator.unwrap_model(model, keep_torch_compile=False)
     lora = export.kind == "lora"
@@ -140,7 +165,9 @@ def load_checkpoint(accelerator: Accelerator, model: Any, checkpoint: Path, expo
             accelerator.load_state(state)
         finally:
             hook.remove()
-    return TrainerState.read(checkpoint)
+    state = TrainerState.read(checkpoint)
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return state
 
 
 def check_files(checkpoint: Path) -> None:
@@ -216,17 +243,10 @@ def check_same_run(checkpoint: Path, config: Config, sampler: GlobalBatchSampler
         raise UserError(f"{checkpoint} belongs to a different run: " + "; ".join(problems))
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: Path,
-    state: TrainerState,
-    config: Config,
-    model: Any,
-    tokenizer: Any,
-    export: ModelExport,
-) -> Path:
+def save_checkpoint(run: Any, state: TrainerState) -> Path:
     """Save output_dir/checkpoint-<step>; all ranks call it. It is the model folder (loadable on its own) and,
     unless save_only_model, the training state; COMPLETE lists its files once every rank has written its part."""
+    accelerator, config, export, output_dir = run.accelerator, run.config, run.export, run.output_dir
     final = output_dir / f"checkpoint-{state.step}"
     staging = output_dir / f"tmp-checkpoint-{state.step}"
     if accelerator.is_main_process and staging.exists():
@@ -234,7 +254,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if not config.run.save_only_model:
         save_training_state(accelerator, staging, lora=export.kind == "lora")
-    save_model(accelerator, model, tokenizer, export, staging)
+    save_model(accelerator, run.model, run.tokenizer, export, staging)
     if accelerator.is_main_process:
         state.write(staging)
         (staging / CONFIG_FILE).write_text(config.to_yaml())

@@ -26,6 +26,7 @@ from llmhalluc.data.batching import (
 )
 from llmhalluc.data.pipeline import DatasetStats, column, prepare_dataset
 from llmhalluc.errors import UserError
+from llmhalluc.models.attention import per_example_sdpa
 from llmhalluc.runtime.dist import data_preparation_turns
 
 LAYOUTS = ("padded", "padding_free", "packed")
@@ -39,9 +40,8 @@ def batch_layout(data: DataConfig, attention: str, on_gpu: bool, compiled: bool)
         return "packed"
     if data.padding_free is not None:
         return "padding_free" if data.padding_free else "padded"
-    if on_gpu:
-        return "padding_free" if attention.startswith("flash_attention") else "padded"
-    return "padding_free" if attention == "sdpa" and not compiled else "padded"
+    fast = attention.startswith("flash_attention") if on_gpu else per_example_sdpa(attention, on_gpu, compiled)
+    return "padding_free" if fast else "padded"
 
 
 @dataclass
@@ -52,8 +52,26 @@ class TrainData:
     sampler: GlobalBatchSampler
     layout: str
     stats: DatasetStats
-    summary: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)  # the mask audit per dataset, and its warnings
+    packing: dict[str, Any] | None = None  # rows and efficiency of packed rows
+    workers: int = 0  # DataLoader worker processes per rank
     audit_panel: list[list[str]] = field(default_factory=list)  # [dataset, HTML] rows for wandb
+
+    def summary(self) -> dict[str, Any]:
+        """The run summary's record of the training data."""
+        summary = {"train_data": self.stats.to_dict(), "batch_layout": self.layout, "mask_audit": self.audit}
+        if self.packing is not None:
+            summary["packing"] = self.packing
+        return summary | {"dataloader_num_workers": self.workers}
+
+
+@dataclass
+class EvalData:
+    """The tokenized evaluation examples (every eval dataset, concatenated), how they are batched, their stats."""
+
+    dataset: Any
+    collate: Any
+    stats: DatasetStats
 
 
 def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator, layout: str) -> TrainData:
@@ -72,13 +90,13 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
     panel = audit_panel(examples, tokenizer, data.dataset) if accelerator.is_main_process else []
     lengths = column(examples, "length").tolist()
     examples = examples.select_columns(model_columns(examples))
-    summary: dict[str, Any] = {"train_data": stats.to_dict(), "batch_layout": layout}
-    summary["mask_audit"] = {"datasets": audit(stats, data), "warnings": problems}
+    audited = {"datasets": audit(stats, data), "warnings": problems}
+    packing = None
     sources = len(data.dataset)
     if layout == "packed":
         bins = pack_rows(lengths, data.max_length, data.packing_strategy, training.seed)
         efficiency = packing_efficiency(lengths, bins, data.max_length)
-        summary["packing"] = {"rows": len(bins), "efficiency": round(efficiency, 4)}
+        packing = {"rows": len(bins), "efficiency": round(efficiency, 4)}
         accelerator.print(
             f"packing: {len(lengths)} examples into {len(bins)} rows of {data.max_length} "
             f"({len(lengths) / len(bins):.1f} examples per row), efficiency {efficiency:.1%}; "
@@ -120,8 +138,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         # Its own generator, so iterating never consumes the global RNG that dropout uses.
         generator=torch.Generator().manual_seed(training.seed),
     )
-    summary["dataloader_num_workers"] = workers
-    return TrainData(loader, sampler, layout, stats, summary, panel)
+    return TrainData(loader, sampler, layout, stats, audited, packing, workers, panel)
 
 
 def audit_panel(examples: datasets.Dataset, tokenizer: Any, names: list[str], per_dataset: int = 2) -> list[list[str]]:
@@ -139,8 +156,9 @@ def model_columns(dataset: datasets.Dataset) -> list[str]:
     return [name for name in ("input_ids", "labels", "position_ids", "source") if name in dataset.column_names]
 
 
-def prepare_eval_set(config: Config, tokenizer: Any, accelerator: Accelerator) -> tuple[Any, DatasetStats] | None:
-    """The tokenized evaluation examples (every eval dataset, concatenated) and their stats, or None."""
+def prepare_eval_set(config: Config, tokenizer: Any, accelerator: Accelerator) -> EvalData | None:
+    """The tokenized evaluation examples (every eval dataset, concatenated), padded batches of them, and their stats;
+    None without eval datasets."""
     if not config.data.eval_dataset:
         return None
     eval_set, stats = prepare_dataset(
@@ -151,7 +169,8 @@ def prepare_eval_set(config: Config, tokenizer: Any, accelerator: Accelerator) -
         partial(data_preparation_turns, accelerator),
         mix=False,
     )
-    return eval_set.select_columns(model_columns(eval_set)), stats
+    collate = PaddedCollator(tokenizer.pad_token_id, config.data.pad_to_multiple_of, len(config.data.eval_dataset))
+    return EvalData(eval_set.select_columns(model_columns(eval_set)), collate, stats)
 
 
 def accumulation_windows(

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llmhalluc.runtime.zero import full_shape
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # batch keys the model sees; the rest is metadata
 CHUNK_LOGITS_BYTES = 2**30  # fp32 logits per chunk of trained positions: 1 GiB
 NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep: the model returns hidden states only
@@ -96,7 +98,7 @@ def cross_entropy_sum(
         by_source = torch.stack([liger_cross_entropy_sum(h, head, t) if len(t) else h.sum() * 0 for h, t in parts])
         return by_source.sum(), by_source.detach()
     postprocess = logit_postprocess(lm.config)
-    vocab_size = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 keeps the full shape aside
+    vocab_size = full_shape(head.weight)[0]
     per_token = chunked_cross_entropy(
         selected, batch["targets"], head, postprocess, chunk_positions(vocab_size, chunk_tokens)
     )

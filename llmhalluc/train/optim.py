@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW (no decay on biases and norms) or the DeepSpeed json's own."""
+"""Optimizer and learning-rate schedule: AdamW (no decay on biases and norms) or the DeepSpeed json's own, prepared
+for the launch, and who steps the schedule (the loop after each applied step, or DeepSpeed inside its own step)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from accelerate.utils import DummyOptim, DummyScheduler
 from transformers import get_scheduler
 
 from llmhalluc.config import TrainingConfig
+from llmhalluc.runtime.dist import deepspeed_config_of
 
 
 @dataclass
@@ -78,3 +80,35 @@ def build_optimizer(
         training.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     return OptimizerSetup(optimizer, scheduler, loop_steps_scheduler=True)
+
+
+@dataclass
+class Schedule:
+    """The learning-rate schedule of a prepared run and who steps it."""
+
+    scheduler: Any
+    optimizer: Any
+    loop_steps: bool  # False under DeepSpeed with its own scheduler or optimizer: it steps the schedule itself
+
+    def current_lr(self) -> float:
+        """The rate the next optimizer step uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, applied: bool) -> None:
+        """Advance after an optimizer step that was applied (a skipped non-finite step leaves the schedule)."""
+        if self.loop_steps and applied:
+            self.scheduler.step()
+
+
+def prepare_optimizer(
+    accelerator: Any, model: Any, training: TrainingConfig, total_steps: int
+) -> tuple[Any, Any, Schedule]:
+    """(model, optimizer, schedule) prepared by accelerate for the launch. A schedule the loop steps is registered
+    for checkpointing but not prepared: DeepSpeed would step a prepared scheduler itself, on top of the loop."""
+    setup = build_optimizer(model, training, total_steps, deepspeed_config_of(accelerator))
+    if setup.loop_steps_scheduler:
+        model, optimizer = accelerator.prepare(model, setup.optimizer)
+        accelerator.register_for_checkpointing(setup.scheduler)
+        return model, optimizer, Schedule(setup.scheduler, optimizer, loop_steps=True)
+    model, optimizer, scheduler = accelerator.prepare(model, setup.optimizer, setup.scheduler)
+    return model, optimizer, Schedule(scheduler, optimizer, loop_steps=False)

@@ -1,4 +1,5 @@
-"""Experiment configuration: flat YAML keys owned by typed dataclasses, `base:` inheritance, key=value overrides."""
+"""Reading and checking an experiment config: flat YAML keys owned by the dataclasses of llmhalluc.config.schema,
+`base:` inheritance, key=value overrides, every problem collected then raised once, and the generated reference."""
 
 from __future__ import annotations
 
@@ -9,17 +10,13 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from llmhalluc.config.schema import PURPOSES, REPORTERS, SECTIONS, Config, DataConfig, ModelConfig
 from llmhalluc.errors import ConfigError
-
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-REPORTERS = ("none", "wandb")
 
 # Keys that configs written for other trainers carry, with what to do instead.
 FOREIGN_KEYS = {
@@ -35,302 +32,6 @@ FOREIGN_KEYS = {
     "overwrite_cache": "the cache is keyed by every setting that changes the data",
     "model_name": "use model_name_or_path",
 }
-
-
-PURPOSES = ("train", "eval")  # what a config is loaded for: train/sft.py, or train/eval.py
-
-
-def option(
-    default: Any = None,
-    help: str = "",
-    *,
-    minimum: float | None = None,
-    exclusive: bool = False,
-    required: tuple[str, ...] = (),
-    identity: bool = False,
-    default_factory: Any = None,
-) -> Any:
-    """A config field: default, help text for the docs, the smallest allowed value, the purposes (train, eval) it
-    is required for, and whether it is part of a run's identity (a checkpoint resumes only a run that agrees on
-    every identity key)."""
-    metadata = {"help": help, "minimum": minimum, "exclusive": exclusive, "required": required, "identity": identity}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class ModelConfig:
-    """Which model to train and how to load it."""
-
-    model_name_or_path: str = option(
-        "", "Hub id or local folder of the model and tokenizer.", required=PURPOSES, identity=True
-    )
-    template: str | None = option(
-        None,
-        "Chat template: null = the tokenizer's own; a built-in name (chatml, qwen, llama3, mistral, gemma, phi3); "
-        "or a path to a .jinja file.",
-        identity=True,
-    )
-    trust_remote_code: bool = option(False, "Run modelling code shipped with the checkpoint (logged loudly).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = option(
-        None,
-        "Attention kernel passed to transformers; null = flash_attention_3 or _2 on a GPU when installed, else sdpa.",
-    )
-    bf16: bool | None = option(
-        None, "bf16 mixed precision; null = on for GPUs that support it (Ampere and newer), off on CPU."
-    )
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
-    torch_compile: bool = option(False, "Compile the model with torch.compile (inductor, dynamic shapes).")
-    use_liger_kernel: bool = option(
-        False,
-        "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU, and its fused linear cross-entropy (CUDA only; pip "
-        "install liger-kernel).",
-    )
-    add_special_tokens: list[str] = option(
-        help="Special tokens to add (a list or comma-separated): never split, stripped or normalised.",
-        default_factory=list,
-        identity=True,
-    )
-    add_tokens: list[str] = option(help="Ordinary (non-special) tokens to add.", default_factory=list, identity=True)
-    new_special_tokens_config: str | None = option(
-        None,
-        "YAML file mapping new special tokens to descriptions (relative to the config file); the descriptions drive "
-        "desc_init.",
-        identity=True,
-    )
-    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
-        "noise_init",
-        "New rows: mean of the original vocabulary's rows + seeded noise N(0, 1/sqrt(hidden)); or the mean of the "
-        "description's token rows (desc_init), plus the same noise (desc_init_w_noise).",
-        identity=True,
-    )
-    finetuning_type: Literal["full", "lora"] = option(
-        "full", "Train every weight, or LoRA adapters (with PEFT).", identity=True
-    )
-    lora_rank: int = option(8, "LoRA rank r.", minimum=1, identity=True)
-    lora_alpha: int | None = option(None, "LoRA alpha; null = 2 x lora_rank.", minimum=1, identity=True)
-    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", minimum=0.0, identity=True)
-    lora_target: list[str] = option(
-        help="Modules LoRA wraps: all (every linear layer but the output head) or their names (q_proj, v_proj, ...).",
-        default_factory=lambda: ["all"],
-        identity=True,
-    )
-    additional_target: list[str] = option(
-        help="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
-        default_factory=list,
-        identity=True,
-    )
-    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", identity=True)
-    use_dora: bool = option(False, "DoRA: weight-decomposed LoRA.", identity=True)
-    adapter_name_or_path: str | None = option(
-        None, "An existing LoRA adapter of this model to keep training.", identity=True
-    )
-    merge: bool = option(
-        False, "After LoRA training, also write base + adapter merged into output_dir/merged (loads without peft)."
-    )
-    resize_vocab_to_multiple_of: int | None = option(
-        None,
-        "When new ids do not fit the embedding matrix, grow it to a multiple of this; null = the model's own padding "
-        "(the largest power of two up to 128 dividing its rows).",
-        minimum=1,
-        identity=True,
-    )
-
-
-@dataclass
-class DataConfig:
-    """Which data, and how it becomes batches."""
-
-    dataset: list[str] = option(
-        help="Training dataset name(s) from dataset_info.json; a list or comma-separated names are concatenated.",
-        default_factory=list,
-        required=("train",),
-        identity=True,
-    )
-    eval_dataset: list[str] = option(
-        help="Evaluation dataset name(s), same format as dataset.", default_factory=list, required=("eval",)
-    )
-    dataset_dir: str = option("data", "Folder holding dataset_info.json and the local data files.", identity=True)
-    max_length: int = option(
-        2048, "Longest sequence in tokens; longer chats are truncated at the end.", minimum=2, identity=True
-    )
-    packing: bool = option(
-        False,
-        "Pack examples into rows of max_length (restarting position_ids, no padding inside a row); the batch size "
-        "then counts rows, not sequences.",
-        identity=True,
-    )
-    packing_strategy: Literal["best_fit_decreasing", "shuffled_best_fit"] = option(
-        "best_fit_decreasing",
-        "How packed rows are filled: best fit longest-first (tightest, 98-99% on GSM8K-shaped chats, but a row holds "
-        "examples of similar length), or best fit in a seeded random order (rows mix lengths; 2-4% looser).",
-        identity=True,
-    )
-    padding_free: bool | None = option(
-        None,
-        "Concatenate each micro-batch's sequences without padding (restarting position_ids, per-example attention) "
-        "instead of padding them; null = where it is exact and fast: flash_attention_2/3 on GPU, sdpa on CPU. "
-        "Changes speed only, never the examples in a step or the numbers.",
-    )
-    pad_to_multiple_of: int | None = option(None, "Pad padded batches to a multiple of this length.", minimum=1)
-    train_on_prompt: bool = option(False, "Train on every token, not only the assistant's.", identity=True)
-    mask_history: bool = option(False, "Train only on the last assistant turn of each chat.", identity=True)
-    max_samples: int | None = option(
-        None, "Use at most this many examples of each dataset (first rows).", minimum=1, identity=True
-    )
-    abstention_answer: str = option(
-        "I don't know.",
-        "Assistant answer for unanswerable questions (squad_v2 converter).",
-        identity=True,
-    )
-    backtrack_token: str | None = option(
-        None,
-        "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing.",
-        identity=True,
-    )
-    mask_backtracked: bool = option(
-        False,
-        "Masked SFT: the k tokens before each run of k backtrack tokens are input, never targets.",
-        identity=True,
-    )
-    backtrack_position_ids: bool = option(
-        False,
-        "Position ids follow the text after deletions: a backtrack token rewinds the position.",
-        identity=True,
-    )
-    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
-        "concat",
-        "How several training datasets mix: concatenated, or sampled with interleave_probs until the first "
-        "dataset is exhausted (under) or until every dataset is (over, repeating the smaller ones).",
-        identity=True,
-    )
-    interleave_probs: list[float] | None = option(
-        None,
-        "Share of each training dataset in the mix (one per dataset, summing to 1) for interleave_*.",
-        identity=True,
-    )
-    preprocessing_num_workers: int | None = option(None, "Processes for tokenization (datasets.map).", minimum=1)
-    dataloader_num_workers: int | None = option(
-        None, "DataLoader worker processes per rank; null = 2 on GPU (collation overlaps compute), 0 on CPU.", minimum=0
-    )
-
-
-@dataclass
-class TrainingConfig:
-    """Batch, steps, optimizer and schedule."""
-
-    per_device_train_batch_size: int = option(1, "Sequences (or packed rows) per micro-batch per process.", minimum=1)
-    per_device_eval_batch_size: int = option(1, "Sequences per evaluation batch per process.", minimum=1)
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step per process.", minimum=1)
-    learning_rate: float = option(1e-5, "Peak learning rate.", minimum=0.0, exclusive=True)
-    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0.0)
-    adam_beta1: float = option(0.9, "AdamW beta1.", minimum=0.0)
-    adam_beta2: float = option(0.999, "AdamW beta2.", minimum=0.0)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon.", minimum=0.0, exclusive=True)
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", minimum=0.0)
-    num_train_epochs: float = option(3.0, "Epochs to train when max_steps is not set.", minimum=0.0, exclusive=True)
-    max_steps: int | None = option(None, "Optimizer steps to train; overrides num_train_epochs.", minimum=1)
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
-        "linear", "Learning-rate schedule after warmup."
-    )
-    warmup_ratio: float = option(
-        0.0, "Fraction of total steps spent warming up (ignored if warmup_steps > 0).", minimum=0.0
-    )
-    warmup_steps: int = option(0, "Optimizer steps of linear warmup.", minimum=0)
-    seed: int = option(42, "Seed for weight init, data order and dropout.", minimum=0, identity=True)
-    loss_chunk_tokens: int | None = option(
-        None,
-        "Trained positions per chunk of the LM head and cross-entropy; null = as many as keep a chunk's fp32 logits "
-        "at 1 GiB (2,048 for a 128k vocabulary).",
-        minimum=1,
-    )
-    max_nonfinite_steps: int = option(
-        5,
-        "Stop (exit code 3) after this many optimizer steps in a row skipped for a non-finite loss or gradient.",
-        minimum=1,
-    )
-
-
-@dataclass
-class RunConfig:
-    """Where results go, how often, and where they are reported."""
-
-    output_dir: str = option(
-        "",
-        "Folder for config.yaml, metrics.jsonl, checkpoints and the final model; train/eval.py writes eval/ there "
-        "(with no output_dir: outputs/eval/<model folder name>).",
-        required=("train",),
-    )
-    logging_steps: int = option(10, "Optimizer steps between metric rows.", minimum=1)
-    eval_steps: int | None = option(None, "Optimizer steps between evaluations (needs eval_dataset).", minimum=1)
-    save_steps: int | None = option(None, "Optimizer steps between checkpoints; null = final model only.", minimum=1)
-    save_total_limit: int | None = option(
-        None,
-        "Keep only this many newest checkpoints (they stay after the run; the final model is separate).",
-        minimum=1,
-    )
-    save_only_model: bool = option(
-        False,
-        "Checkpoints hold only the model (a loadable Hugging Face folder), without optimizer, scheduler or RNG "
-        "state (AdamW keeps two moments per weight), so a run cannot resume from them.",
-    )
-    resume_from_checkpoint: str | None = option(
-        None, "A checkpoint folder; 'latest' (the newest in output_dir, an error if none); 'auto' (latest if any)."
-    )
-    report_to: list[str] = option(help="Trackers: none or wandb.", default_factory=lambda: ["none"])
-    run_name: str | None = option(None, "Run name for wandb; default: the output_dir's name.")
-    wandb_project: str = option("llmhalluc", "wandb project.")
-
-
-@dataclass
-class GenerationEvalConfig:
-    """Generation evaluation: settings of train/eval.py and of the evaluation during training."""
-
-    max_new_tokens: int = option(512, "Longest generation, in tokens.", minimum=1)
-    temperature: float = option(0.0, "Sampling temperature; 0 = greedy decoding.", minimum=0.0)
-    top_p: float = option(1.0, "Nucleus sampling mass (with temperature > 0).", minimum=0.0, exclusive=True)
-    generation_batch_size: int = option(8, "Prompts per generation batch per process.", minimum=1)
-    engine: Literal["hf", "vllm"] = option(
-        "hf", "Generation engine: transformers' generate, or vLLM (GPU, standalone)."
-    )
-    generation_eval_steps: int | None = option(
-        None, "Optimizer steps between generation evaluations during training (and at the end); null = none.", minimum=1
-    )
-    generation_eval_samples: int = option(
-        64, "Examples per eval dataset generated during training (a fixed, seeded subset).", minimum=1
-    )
-
-
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "training": TrainingConfig,
-    "run": RunConfig,
-    "generation": GenerationEvalConfig,
-}
-
-
-@dataclass
-class Config:
-    """The whole experiment: one dataclass per concern, every YAML key owned by exactly one field."""
-
-    model: ModelConfig
-    data: DataConfig
-    training: TrainingConfig
-    run: RunConfig
-    generation: GenerationEvalConfig
-
-    def to_flat_dict(self) -> dict[str, Any]:
-        """The flat key -> value mapping a YAML config file holds."""
-        flat: dict[str, Any] = {}
-        for section in SECTIONS:
-            flat.update(dataclasses.asdict(getattr(self, section)))
-        return flat
-
-    def to_yaml(self) -> str:
-        """The resolved config as YAML that load_config reads back to an equal Config."""
-        return yaml.safe_dump(self.to_flat_dict(), sort_keys=False, allow_unicode=True)
 
 
 @functools.cache
@@ -413,6 +114,12 @@ def build_config(values: dict[str, Any], sources: dict[str, str] | None = None, 
 def identity_keys() -> tuple[str, ...]:
     """The keys that define a run (declared with identity=True): a checkpoint resumes only a run equal on all."""
     return tuple(key for key, (_, f, _) in all_fields().items() if f.metadata["identity"])
+
+
+def changed_keys(config: Config) -> dict[str, Any]:
+    """The keys whose value differs from their default, in declaration order."""
+    owners = all_fields()
+    return {key: value for key, value in config.to_flat_dict().items() if value != _default(owners[key][1])}
 
 
 def _cross_checks(config: Config) -> list[str]:
@@ -680,7 +387,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(value)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

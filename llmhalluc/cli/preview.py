@@ -1,4 +1,5 @@
-"""`train/sft.py CONFIG --dry-run`: resolve config and data, show what will be trained, load no model weights."""
+"""`train/sft.py CONFIG --dry-run [N]`: resolve config and data, show N examples of each dataset with what will be
+trained, load no model weights, write nothing."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import TextIO
 
 from transformers import PreTrainedTokenizerBase
 
-from llmhalluc.config import Config
+from llmhalluc.config import Config, changed_keys
 from llmhalluc.data.batching import pack_rows, packing_efficiency
-from llmhalluc.data.chat import IGNORE_INDEX
+from llmhalluc.data.labels import IGNORE_INDEX
 from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.models.loading import load_tokenizer
 from llmhalluc.models.tokens import add_tokens
@@ -53,13 +54,27 @@ def _marked(tokenizer: PreTrainedTokenizerBase, tokens: list[int], kind: str | N
     return f"{opening}{text}{closing}"
 
 
+def shown_examples(sources: list[int], backtrack_runs: list[int] | None, datasets: int, per_dataset: int) -> list[int]:
+    """Indices of up to `per_dataset` examples of each dataset, in order; with backtracks, examples that have some
+    first (where masks differ from plain SFT)."""
+    shown = []
+    for source in range(datasets):
+        mine = [i for i, s in enumerate(sources) if s == source]
+        if backtrack_runs is not None:
+            mine = sorted(mine, key=lambda i: backtrack_runs[i] == 0)
+        shown += sorted(mine[:per_dataset])
+    return shown
+
+
 def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> None:
-    """Print the resolved config, dataset stats and a few examples with their trained tokens marked."""
+    """Print the keys that differ from the defaults, dataset stats, and `examples` examples of each dataset with their
+    trained tokens marked."""
     out = out or sys.stdout
     colour = out.isatty()
     tokenizer = load_tokenizer(config.model)
     new_tokens = add_tokens(tokenizer, config)
-    print(f"config:\n{config.to_yaml()}", file=out)
+    changed = "\n".join(f"  {key}: {value!r}" for key, value in changed_keys(config).items())
+    print(f"config (keys that differ from the defaults):\n{changed}", file=out)
     if new_tokens.ids or new_tokens.existing:
         added = ", ".join(f"{t} -> {i}" for t, i in new_tokens.ids.items()) or "none"
         print(
@@ -80,15 +95,17 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
             print(
                 f"train: packing {len(lengths)} examples into {len(bins)} rows, efficiency {efficiency:.1%}", file=out
             )
-        shown = list(range(min(examples, len(dataset))))
-        if "backtrack_runs" in dataset.column_names:  # show examples that have backtracks, where masks differ
-            with_runs = [int(i) for i in (column(dataset, "backtrack_runs") > 0).nonzero()[0][: examples - 1]]
-            shown = sorted({0, *with_runs})
+        runs = column(dataset, "backtrack_runs").tolist() if "backtrack_runs" in dataset.column_names else None
+        if runs is not None:
             print(f"{split}: trained tokens [[...]], backtracked errors kept out of the loss {{{{...}}}}", file=out)
-        for index in shown:
+        for index in shown_examples(column(dataset, "source").tolist(), runs, len(names), examples):
             row = dataset[index]
             errors = frozenset(row.get("backtrack_masked_positions") or [])
             marked = mark_trained(tokenizer, row["input_ids"], row["labels"], colour, errors)
-            print(f"--- {split} example {index} ({row['length']} tokens, {row['trained']} trained) ---", file=out)
+            name = names[row["source"]]
+            print(
+                f"--- {split} example {index} of {name} ({row['length']} tokens, {row['trained']} trained) ---",
+                file=out,
+            )
             print(marked, file=out)
     print("dry run: nothing was trained or written", file=out)

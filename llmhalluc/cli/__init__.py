@@ -1,0 +1,1 @@
+"""Entry-point code: what only the command lines do (the dry run)."""

@@ -1,0 +1,24 @@
+"""DatasetSpec: one dataset_info.json entry, validated (llmhalluc.data.registry builds them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset_info.json entry, validated: where the rows are and how they become chats."""
+
+    name: str
+    source: str  # "file" or "hf_hub"
+    location: str  # a local path (file or folder) or a hub repository id
+    formatting: str
+    converter: str
+    columns: dict[str, str | None] = field(default_factory=dict)
+    tags: dict[str, str | None] = field(default_factory=dict)
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+    columns_given: bool = False
+    metric: str | None = None  # (ours) how train/eval.py scores generations; None: chosen by the converter
