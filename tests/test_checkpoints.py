@@ -79,28 +79,49 @@ def cell_args(setup: dict, kind: str, launch: str, out: Path, *extra: str) -> li
     return [*setup["base"], *KINDS[kind], *[b for b in batch if b], f"output_dir={out}", *extra]
 
 
-def run_cells(setup: dict, cells: list[tuple[str, str]], name: str, *extra: str) -> dict[tuple[str, str], Path]:
-    """Run every cell to completion (one process runs in this process, the 2-process ones in one launch);
-    returns each cell's output_dir, with its stdout kept as output.log."""
+def run_cells(setup: dict, plan: dict[tuple[str, ...], tuple[str, ...]]) -> dict[tuple[str, ...], Path]:
+    """Run each (name, kind, launch) of the plan with its extra arguments to completion: one-process runs in this
+    process, the 2-process ones in one launch; returns each output_dir, with its stdout kept beside it as .log."""
     outputs, launched = {}, []
-    for kind, launch in cells:
+    for (name, kind, launch), extra in plan.items():
         out = setup["root"] / f"{name}-{kind}-{launch}"
-        outputs[kind, launch] = out
+        outputs[name, kind, launch] = out
         args = cell_args(setup, kind, launch, out, *extra)
         if LAUNCHES[launch] is None:
-            (setup["root"] / f"{out.name}.log").write_text(run_sft(args).stdout)
+            out.with_suffix(".log").write_text(run_sft(args).stdout)
         else:
             launched.append((args, LAUNCHES[launch], out))
     if launched:
-        results = run_sft_many([(a, c) for a, c, _ in launched], setup["root"] / f"{name}-logs")
+        results = run_sft_many(
+            [(a, c) for a, c, _ in launched], setup["root"] / f"logs-{len(list(setup['root'].glob('logs-*')))}"
+        )
         for (_, _, out), result in zip(launched, results):
-            (setup["root"] / f"{out.name}.log").write_text(result.stdout)
+            out.with_suffix(".log").write_text(result.stdout)
     return outputs
 
 
+SAVE_ONLY = [("full", "1proc"), ("lora", "1proc"), ("tokens", "1proc"), ("lora", "zero3")]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(setup) -> dict[tuple[str, str], Path]:
-    return run_cells(setup, CELLS, "whole")
+def runs(setup) -> dict[tuple[str, ...], Path]:
+    """Every cell run to completion, and save_only_model runs (merge: true for the adapters) in one process and
+    LoRA under ZeRO-3: one-process runs in this process, all 2-process ones in one launch."""
+    only = {
+        ("only", *cell): ("save_only_model=true", *(["merge=true"] if cell[0] != "full" else [])) for cell in SAVE_ONLY
+    }
+    plan = {("whole", *cell): () for cell in CELLS} | only
+    return run_cells(setup, plan)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs) -> dict[tuple[str, str], Path]:
+    return {key[1:]: out for key, out in runs.items() if key[0] == "whole"}
+
+
+@pytest.fixture(scope="module")
+def save_only(runs) -> dict[tuple[str, str], Path]:
+    return {key[1:]: out for key, out in runs.items() if key[0] == "only"}
 
 
 def kill_everything(process: subprocess.Popen) -> None:
@@ -148,7 +169,8 @@ def resumed(setup, uninterrupted) -> dict[tuple[str, str], Path]:
             )
             text = log.read_text()
             assert "skipping incomplete checkpoint" in text and "checkpoint-4 at step 4" in text
-    return run_cells(setup, CELLS, "resumed", "resume_from_checkpoint=latest")
+    resumes = run_cells(setup, {("resumed", *cell): ("resume_from_checkpoint=latest",) for cell in CELLS})
+    return {key[1:]: out for key, out in resumes.items()}
 
 
 def saving_checkpoint_8(out: Path) -> bool:
@@ -158,7 +180,7 @@ def saving_checkpoint_8(out: Path) -> bool:
 @pytest.mark.parametrize(("kind", "launch"), CELLS, ids=[f"{k}-{launch}" for k, launch in CELLS])
 def test_kill_then_resume_equals_the_uninterrupted_run(setup, uninterrupted, resumed, kind, launch):
     whole, again = uninterrupted[kind, launch], resumed[kind, launch]
-    assert "resumed from" in (setup["root"] / f"{again.name}.log").read_text()
+    assert "resumed from" in again.with_suffix(".log").read_text()
     rows, rows_again = read_metrics(whole), read_metrics(again)
     assert [r["step"] for r in rows_again] == [r["step"] for r in rows]
     for a, b in zip(rows, rows_again):
@@ -183,15 +205,6 @@ def test_zero3_saves_the_fp32_weights_it_trains(uninterrupted):
     assert set(saved) == set(gathered)
     for key, value in gathered.items():
         assert torch.equal(saved[key], value), key
-
-
-@pytest.fixture(scope="module")
-def save_only(setup) -> dict[tuple[str, str], Path]:
-    """save_only_model runs (merge: true for the adapters) in one process, and a LoRA one under ZeRO-3."""
-    cells = [("full", "1proc"), ("lora", "1proc"), ("tokens", "1proc"), ("lora", "zero3")]
-    outputs = run_cells(setup, cells[:1], "only", "save_only_model=true")
-    outputs |= run_cells(setup, cells[1:], "only", "save_only_model=true", "merge=true")
-    return outputs
 
 
 EVAL_LOSSES = """
@@ -305,32 +318,39 @@ def test_the_merged_model_is_base_plus_adapter_and_loads_without_peft(setup, sav
 
 RUN_PRINTED = """
 import sys, json, torch
-exec(sys.argv[1])
 ids = torch.tensor([[5, 17, 42, 9]])
-with torch.no_grad():
-    print(json.dumps(model(input_ids=ids).logits[0].tolist()))
+out = []
+for line in json.loads(sys.argv[1]):
+    scope = {}
+    exec(line, scope)  # each line on its own, as a user pastes it
+    with torch.no_grad():
+        out.append(scope["model"](input_ids=ids).logits[0].tolist())
+print(json.dumps(out))
 """
 
 
 def test_the_printed_load_lines_run_as_printed(setup, uninterrupted):
     from llmhalluc import load_pretrained
 
+    lines, expected = [], []
     for kind in KINDS:
         out = uninterrupted[kind, "1proc"]
-        report = (setup["root"] / f"{out.name}.log").read_text()
-        lines = [line.split("load it with", 1)[1].strip() for line in report.splitlines() if "load it with" in line]
-        lines += [line.split(" or ", 1)[1].strip() for line in report.splitlines() if line.startswith("  or ")]
-        assert len(lines) == (1 if kind == "full" else 2), report[-2000:]
+        report = out.with_suffix(".log").read_text()
+        printed = [line.split("load it with", 1)[1].strip() for line in report.splitlines() if "load it with" in line]
+        printed += [line.split(" or ", 1)[1].strip() for line in report.splitlines() if line.startswith("  or ")]
+        assert len(printed) == (1 if kind == "full" else 2), report[-2000:]
         model, _ = load_pretrained(out)
         with torch.no_grad():
-            expected = model(input_ids=torch.tensor([[5, 17, 42, 9]])).logits[0]
-        for line in lines:
-            ran = subprocess.run(
-                [sys.executable, "-c", RUN_PRINTED, line], cwd=setup["root"], capture_output=True, text=True
-            )
-            assert ran.returncode == 0, (line, ran.stderr[-3000:])
-            logits = torch.tensor(json.loads(ran.stdout.strip().splitlines()[-1]))
-            torch.testing.assert_close(logits, expected, rtol=0, atol=0, msg=line)
+            logits = model(input_ids=torch.tensor([[5, 17, 42, 9]])).logits[0]
+        lines += printed
+        expected += [logits] * len(printed)
+    # From another working directory, in a fresh process.
+    ran = subprocess.run(
+        [sys.executable, "-c", RUN_PRINTED, json.dumps(lines)], cwd=setup["root"], capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    for line, logits, want in zip(lines, json.loads(ran.stdout.strip().splitlines()[-1]), expected):
+        torch.testing.assert_close(torch.tensor(logits), want, rtol=0, atol=0, msg=line)
 
 
 LORA_CHANGES = {
