@@ -9,14 +9,17 @@ merges of newlines) start before that text, so they must stay untrained.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import re
 
 import jinja2
 import pytest
 from vendor import load_vendor_tokenizer, tokenizer_folder
 
 from llmhalluc.data import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data.facts import token_facts
 from llmhalluc.errors import TemplateError
 
 WEATHER_CALL = {
@@ -157,7 +160,7 @@ CASES = [(vendor, chat) for vendor, spec in VENDORS.items() for chat in sorted(C
 def vendor_tokenizer(vendor: str):
     fixture, template, *_ = VENDORS[vendor]
     if tokenizer_folder(fixture) is None:
-        pytest.skip(f"{fixture} is not committed (license); set LLMHALLUC_VENDOR_TOKENIZERS to test it")
+        pytest.skip(f"{fixture} is not in the repository (license); set LLMHALLUC_VENDOR_TOKENIZERS to test it")
     return _loaded(fixture, template)
 
 
@@ -271,3 +274,29 @@ def test_templates_without_tool_support_fail_loudly_instead_of_dropping_calls_or
     ]
     with pytest.raises(TemplateError, match=r"message 2 \(tool\): the chat template drops it"):
         tokenize_chat(tokenizer, result_only)
+
+
+def test_a_template_that_appends_the_assistant_header_after_every_chat_never_trains_it():
+    # The first Llama-3-Instruct template (April 2024) wrote the next assistant header after every chat, with or
+    # without add_generation_prompt: trl's llama3.jinja without its add_generation_prompt guard.
+    tokenizer = copy.deepcopy(load_vendor_tokenizer("llama3_1", "llama3"))
+    first = re.sub(r"\{% if add_generation_prompt %\}(.*)\{% endif %\}$", r"\1", tokenizer.chat_template, flags=re.S)
+    assert first != tokenizer.chat_template
+    tokenizer.chat_template = first
+    messages = CHATS["multi"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    out = tokenize_chat(tokenizer, messages)
+    # What is trained: each assistant turn's content and its <|eot_id|>; never a header, at the end or elsewhere.
+    expected = [m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant"]
+    trained_runs, run = [], []
+    for token, label in zip(out["input_ids"], out["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            trained_runs.append(tokenizer.decode(run))
+            run = []
+    assert trained_runs == expected
+    last_eot = max(i for i, t in enumerate(out["input_ids"]) if t == tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    assert all(label == IGNORE_INDEX for label in out["labels"][last_eot + 1 :])
+    assert token_facts(tokenizer).end_of_turn_id == tokenizer.convert_tokens_to_ids("<|eot_id|>")

@@ -94,10 +94,11 @@ def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, tur
         if id_last != id_more or span_last != span_more:
             break
         common += 1
-    # Whitespace after the end-of-turn token separates turns; the model never generates it.
-    while common and after_last[slice(*last["offset_mapping"][common - 1])].isspace():
-        common -= 1
-    if not common or last["input_ids"][common - 1] not in stop_ids(tokenizer):
+    # The turn ends at the first special token both renderings share: what a template writes after it (the first
+    # Llama-3-Instruct template appends the next assistant header even when no turn follows) is never generated.
+    stops = stop_ids(tokenizer)
+    first = next((i for i in range(common) if last["input_ids"][i] in stops), None)
+    if first is None:
         found = after_last[: last["offset_mapping"][common - 1][1]] if common else ""
         raise TemplateError(
             f"the chat template does not close assistant turn {turn} with the same special token whether or not the "
@@ -105,7 +106,7 @@ def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, tur
             "{% generation %} markers around what the assistant generates, including its stop token"
         )
     # An rstrip token's offsets also cover the whitespace after it, which is not part of the closing text.
-    return after_last[: last["offset_mapping"][common - 1][1]].rstrip()
+    return after_last[: last["offset_mapping"][first][1]].rstrip()
 
 
 def content_of(message: dict[str, Any]) -> str:
