@@ -43,6 +43,8 @@ CHATS = {
 GENERATED = {
     "chatml": ("", False, "<|im_end|>"),
     "qwen": ("", False, "<|im_end|>"),
+    "qwen3": ("", False, "<|im_end|>"),
+    "qwen3_nothink": ("", False, "<|im_end|>"),
     "llama3": ("", True, "<|eot_id|>"),
     "mistral": (" ", False, "</s>"),
     "gemma": ("", True, "<end_of_turn>"),

@@ -11,6 +11,7 @@ import re
 import pytest
 from conftest import REPO, read_metrics, run_sft, write_chats
 
+from llmhalluc.data.facts import token_facts
 from llmhalluc.eval.generation import decode
 from llmhalluc.eval.metrics import (
     abstains,
@@ -86,10 +87,13 @@ def test_generations_are_scored_after_their_backtracks():
     ids = tokenizer("#### 12", add_special_tokens=False)["input_ids"]
     generated = [*ids, bt, *tokenizer(" 13", add_special_tokens=False)["input_ids"], end, 5, 6]
     assert tokenizer.convert_ids_to_tokens(ids) == ["####", "Ġ12"]
-    out = decode(tokenizer, generated, {end}, bt)
+    out = decode(tokenizer, generated, token_facts(tokenizer, "<|BACKTRACK|>"))
     assert out.backtracks == 1 and out.raw == "#### 12<|BACKTRACK|> 13"  # cut at the stop token
     assert out.prediction == "#### 13"  # what the model meant
-    assert gsm8k_strict(out.prediction) == "13" and gsm8k_strict(out.raw.replace("<|BACKTRACK|>", "")) == "12"
+    assert gsm8k_strict(out.prediction) == "13" and gsm8k_strict(out.unapplied) == "12"
+    # A token the data writes as an alias is shown as that alias in the raw text.
+    aliased = decode(tokenizer, generated, token_facts(tokenizer, "<|BACKTRACK|>", aliases={"<BT>": "<|BACKTRACK|>"}))
+    assert aliased.raw == "#### 12<BT> 13" and aliased.prediction == "#### 13"
 
 
 # --- launched ---------------------------------------------------------------------------------------------

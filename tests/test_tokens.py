@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, read_metrics, run_sft, write_chats
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmhalluc.config import build_config
+from llmhalluc.data import apply_backtracks, tokenize_chat
+from llmhalluc.data.converters import apply_aliases
+from llmhalluc.data.facts import token_facts
 from llmhalluc.errors import UserError
+from llmhalluc.eval.generation import decode
 from llmhalluc.models.tiny import build_tokenizer
 from llmhalluc.models.tokens import add_tokens, embed_new_tokens
 
@@ -270,3 +275,84 @@ def test_a_token_listed_twice_exits_2_naming_it(tmp_path, tiny_model_dir):
         expect_code=2,
     )
     assert "'<X>' is listed twice" in result.stderr and not (tmp_path / "out").exists()
+
+
+# --- the researchers' own setups: combined init, a reused reserved token, aliases ------------------------------
+
+WORDS = ["delete", "remove", "undo", "erase", "back"]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_combined_init_equals_its_reference(tmp_path, tied):
+    tokenizer = build_tokenizer("chatml")
+    model = tiny(tokenizer, tied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    entry = {"description": "take back the previous word", "words": WORDS, "description_weight": 0.7}
+    path = tmp_path / "tokens.yaml"
+    path.write_text(yaml.safe_dump({"<|BACKTRACK|>": entry}))
+    config = config_for(tmp_path, new_special_tokens_config=str(path), init_special_tokens="combined")
+    new = add_tokens(tokenizer, config)
+    embed_new_tokens(model, tokenizer, new, seed=5)
+    (index,) = new.ids.values()
+    # The reference, from the rows before: 0.7 x the description's mean + 0.3 x the words' mean + N(0, 1/64) noise
+    # (the first draw of a generator seeded 5; untied output rows: the same value with the next, independent draw).
+    embed = before["model.embed_tokens.weight"]
+    description = embed[tokenizer(entry["description"], add_special_tokens=False)["input_ids"]].mean(dim=0)
+    word_ids = list(dict.fromkeys(i for w in WORDS for i in tokenizer(w, add_special_tokens=False)["input_ids"]))
+    value = 0.7 * description + 0.3 * embed[word_ids].mean(dim=0)
+    generator = torch.Generator().manual_seed(5)
+    first, second = (torch.randn(1, 64, generator=generator)[0] / 8 for _ in range(2))
+    torch.testing.assert_close(model.get_input_embeddings().weight[index], value + first, atol=1e-6, rtol=0)
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        torch.testing.assert_close(model.lm_head.weight[index], value + second, atol=1e-6, rtol=0)
+
+
+def test_a_reserved_token_is_reused_initialised_and_an_alias_stands_for_it(tmp_path):
+    tokenizer = build_tokenizer("chatml")
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|reserved_0|>"]}, replace_extra_special_tokens=False)
+    tokenizer.extra_special_tokens = []  # like Llama-3's reserved tokens: added, special, not named by the tokenizer
+    reserved = tokenizer.convert_tokens_to_ids("<|reserved_0|>")
+    model = tiny(tokenizer, tied=False)
+    before = model.get_input_embeddings().weight.detach().clone()
+    config = config_for(
+        tmp_path,
+        backtrack_token="<|BACKTRACK|>",
+        token_aliases={"<|BACKTRACK|>": "<|reserved_0|>"},
+        add_special_tokens=["<|im_end|>"],  # the tokenizer's own (eos, in the template): left alone
+    )
+    new = add_tokens(tokenizer, config)
+    assert new.ids == new.reused == {"<|reserved_0|>": reserved} and new.existing == {
+        "<|im_end|>": tokenizer.eos_token_id
+    }
+    assert len(tokenizer) == reserved + 1  # nothing added
+    embed_new_tokens(model, tokenizer, new, seed=0)
+    assert not torch.equal(model.get_input_embeddings().weight[reserved], before[reserved])  # initialised
+    others = [i for i in range(before.shape[0]) if i != reserved]
+    assert torch.equal(model.get_input_embeddings().weight[others], before[others])
+    # The noise_init mean leaves out the row it replaces.
+    expected = before[others].mean(dim=0)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 64, generator=generator)[0] / 8
+    torch.testing.assert_close(model.get_input_embeddings().weight[reserved], expected + noise, atol=1e-6, rtol=0)
+    # The alias in data becomes the token (training_detail offsets follow); a generation shows the alias again.
+    messages = [
+        {"role": "user", "content": "2 + 3?"},
+        {
+            "role": "assistant",
+            "content": "2 + 3 = 6<|BACKTRACK|>5",
+            "training_detail": [{"begin_offset": 8, "end_offset": 8, "train": False}],
+        },
+    ]
+    aliased = apply_aliases(messages, tuple(config.data.token_aliases.items()))
+    content = aliased[1]["content"]
+    assert content == "2 + 3 = 6<|reserved_0|>5" and aliased[1]["training_detail"][0]["begin_offset"] == 8
+    out = tokenize_chat(tokenizer, aliased, backtrack_token="<|reserved_0|>", mask_backtracked=True)
+    assert reserved in out["input_ids"] and out["labels"][out["input_ids"].index(reserved)] == reserved  # trained
+    facts = token_facts(tokenizer, "<|reserved_0|>", aliases=config.data.token_aliases)
+    six, five = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("= 6", " 5"))
+    generated = [*six, reserved, *five]
+    decoded = decode(tokenizer, generated, facts)
+    assert decoded.raw == "= 6<|BACKTRACK|> 5" and decoded.prediction == "= 5"
+    assert apply_backtracks(generated, reserved) == [*six[:-1], *five]

@@ -7,7 +7,6 @@ from llmhalluc.config.engine import (
     identity_keys,
     load_config,
     parse_override,
-    read_token_descriptions,
     reference_markdown,
 )
 from llmhalluc.config.schema import (
@@ -20,6 +19,7 @@ from llmhalluc.config.schema import (
     RunConfig,
     TrainingConfig,
 )
+from llmhalluc.config.tokens import TokenDescription, read_token_descriptions
 
 __all__ = [
     "PURPOSES",
@@ -29,6 +29,7 @@ __all__ = [
     "GenerationEvalConfig",
     "ModelConfig",
     "RunConfig",
+    "TokenDescription",
     "TrainingConfig",
     "all_fields",
     "build_config",

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from llmhalluc.config.schema import PURPOSES, REPORTERS, SECTIONS, Config, DataConfig, ModelConfig
+from llmhalluc.config.schema import PURPOSES, REPORTERS, SECTIONS, Config
+from llmhalluc.config.tokens import token_description_problems
 from llmhalluc.errors import ConfigError
 
 # Keys that configs written for other trainers carry, with what to do instead.
@@ -142,7 +143,11 @@ def _cross_checks(config: Config) -> list[str]:
         if getattr(training, beta) >= 1.0:
             problems.append(f"{beta} must be below 1, got {getattr(training, beta)}")
     model = config.model
-    lora_only = {"adapter_name_or_path": model.adapter_name_or_path, "merge": model.merge}
+    lora_only = {
+        "adapter_name_or_path": model.adapter_name_or_path,
+        "merge": model.merge,
+        "freeze_new_token_rows": model.freeze_new_token_rows,
+    }
     for key, value in lora_only.items():
         if value and model.finetuning_type != "lora":
             problems.append(f"{key} is set but finetuning_type is {model.finetuning_type}: use finetuning_type: lora")
@@ -176,46 +181,8 @@ def _cross_checks(config: Config) -> list[str]:
             f"engine: vllm runs in one process, but {processes} were launched: run train/eval.py without "
             "accelerate launch (vLLM uses every GPU it is given itself)"
         )
-    problems += _token_description_problems(model, data)
+    problems += token_description_problems(model, data)
     return problems
-
-
-def _token_description_problems(model: ModelConfig, data: DataConfig) -> list[str]:
-    """desc_init* needs a description for every token it initialises, from new_special_tokens_config."""
-    if not model.init_special_tokens.startswith("desc_init"):
-        return []
-    if not model.new_special_tokens_config:
-        return [
-            f"init_special_tokens: {model.init_special_tokens} needs new_special_tokens_config (a YAML mapping "
-            "token: description)"
-        ]
-    try:
-        descriptions = read_token_descriptions(Path(model.new_special_tokens_config))
-    except ConfigError as err:
-        return err.problems
-    wanted = [*model.add_special_tokens, *model.add_tokens, *([data.backtrack_token] if data.backtrack_token else [])]
-    return [
-        f"init_special_tokens: {model.init_special_tokens} needs a description for every new token, and {token!r} "
-        f"has none in {model.new_special_tokens_config}"
-        for token in wanted
-        if token not in descriptions
-    ]
-
-
-def read_token_descriptions(path: Path) -> dict[str, str]:
-    """new_special_tokens_config: a YAML mapping of token to a non-empty description."""
-    if not path.is_file():
-        raise ConfigError(f"new_special_tokens_config: file not found: {path}")
-    try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"new_special_tokens_config: {path} is not valid YAML: {_first_line(err)}") from None
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
-        raise ConfigError(f"new_special_tokens_config: {path} must be a mapping of token: description")
-    for token, description in mapping.items():
-        if not isinstance(description, str) or not description.strip():
-            raise ConfigError(f"new_special_tokens_config: token {token!r} in {path} has an empty description")
-    return mapping
 
 
 def _unknown_key_message(key: str, owners: dict) -> str:
@@ -243,6 +210,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, annotation: Any) -> Any:
         if value not in args:
             raise ValueError(f"{key}: {value!r} is not one of {', '.join(args)}")
         return value
+    if origin is dict:
+        return _coerce_text_mapping(key, value)
     if origin is list and args == (float,):
         return _coerce_number_list(key, value)
     if origin is list:
@@ -293,6 +262,16 @@ def _coerce_number_list(key: str, value: Any) -> list[float]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"{key}: expected a list of numbers, got {value!r}")
     return [_as_float(key, v) for v in value]
+
+
+def _coerce_text_mapping(key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{key}: expected a mapping of text to text, got {value!r}")
+    if any(not k or not v for k, v in value.items()):
+        raise ValueError(f"{key}: empty text in {value!r}")
+    return dict(value)
 
 
 def _coerce_name_list(key: str, value: Any) -> list[str]:

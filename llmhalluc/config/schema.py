@@ -50,8 +50,8 @@ class ModelConfig:
     )
     template: str | None = option(
         None,
-        "Chat template: null = the tokenizer's own; a built-in name (chatml, qwen, llama3, mistral, gemma, phi3); "
-        "or a path to a .jinja file.",
+        "Chat template: null = the tokenizer's own; a built-in name (chatml, qwen, qwen3, qwen3_nothink, llama3, "
+        "mistral, gemma, phi3); or a path to a .jinja file.",
         identity=True,
     )
     trust_remote_code: bool = option(False, "Run modelling code shipped with the checkpoint (logged loudly).")
@@ -81,10 +81,18 @@ class ModelConfig:
         "desc_init.",
         identity=True,
     )
-    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise", "combined"] = option(
         "noise_init",
-        "New rows: mean of the original vocabulary's rows + seeded noise N(0, 1/sqrt(hidden)); or the mean of the "
-        "description's token rows (desc_init), plus the same noise (desc_init_w_noise).",
+        "Rows of the new (and reused) tokens: the mean of the original vocabulary's rows + seeded noise N(0, 1/hidden) "
+        "(noise_init); the mean of the description's token rows (desc_init), plus the same noise (desc_init_w_noise); "
+        "or description_weight x the description's mean + the rest x the mean of the token's words + noise "
+        "(combined). docs/models.md says which rule untied output rows follow.",
+        identity=True,
+    )
+    freeze_new_token_rows: bool = option(
+        False,
+        "With LoRA, keep the new tokens' rows as initialised instead of training them (they are saved with the "
+        "adapter either way).",
         identity=True,
     )
     finetuning_type: Literal["full", "lora"] = option(
@@ -168,7 +176,15 @@ class DataConfig:
     )
     backtrack_token: str | None = option(
         None,
-        "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing.",
+        "Token that deletes the token before it (e.g. <|BACKTRACK|>); added as a special token when missing, or one "
+        "of token_aliases' texts (then the token it stands for).",
+        identity=True,
+    )
+    token_aliases: dict[str, str] = option(
+        help="Text written in the data -> the token it stands for (e.g. {'<|BACKTRACK|>': "
+        "'<|reserved_special_token_0|>'}): replaced in every message before tokenizing (training_detail offsets "
+        "follow), and back in printed generations.",
+        default_factory=dict,
         identity=True,
     )
     mask_backtracked: bool = option(
@@ -196,6 +212,12 @@ class DataConfig:
     dataloader_num_workers: int | None = option(
         None, "DataLoader worker processes per rank; null = 2 on GPU (collation overlaps compute), 0 on CPU.", minimum=0
     )
+
+    def backtrack_target(self) -> str | None:
+        """The backtrack token as the tokenizer knows it: backtrack_token, through token_aliases when it is an alias."""
+        return (
+            None if self.backtrack_token is None else self.token_aliases.get(self.backtrack_token, self.backtrack_token)
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from llmhalluc.config import DataConfig
 from llmhalluc.data.labels import IGNORE_INDEX
 from llmhalluc.data.pipeline import DatasetStats
+from llmhalluc.errors import DataError
 
 SMALL_SHARE = 0.01  # a dataset below 1% of the mix, when more was asked for, is starved
 
@@ -22,7 +23,8 @@ def per_dataset(stats: DatasetStats, names: list[str]) -> dict[str, DatasetStats
 
 def audit(stats: DatasetStats, data: DataConfig) -> dict[str, Any]:
     """Per dataset: share of tokens trained, trained tokens per example, share of assistant turns whose
-    end-of-turn token is trained, truncated and dropped examples, backtrack counts, share of the mix."""
+    end-of-turn token is trained, truncated and dropped examples, tokens kept out of trained turns and how many of
+    them fall on the errors the data records (training_detail), backtrack counts, share of the mix."""
     report = {}
     for name, part in per_dataset(stats, data.dataset).items():
         report[name] = {
@@ -33,6 +35,8 @@ def audit(stats: DatasetStats, data: DataConfig) -> dict[str, Any]:
             "turns_with_end_of_turn_trained": round(part.turns_closed / part.turns, 4) if part.turns else None,
             "truncated": part.truncated,
             "dropped": dict(part.dropped),
+            "masked_tokens": part.masked_tokens,
+            "masked_on_recorded_errors": part.masked_on_errors,
             **({"backtrack": part.backtrack} if part.backtrack else {}),
         }
     return report
@@ -66,6 +70,21 @@ def warnings(stats: DatasetStats, data: DataConfig) -> list[str]:
     return found
 
 
+def check_backtracks(stats: DatasetStats, data: DataConfig) -> None:
+    """Masked SFT or backtrack position ids on a dataset without one backtrack token in its answers is a mistake (the
+    data writes the token some other way), never a run to start."""
+    if not (data.mask_backtracked or data.backtrack_position_ids):
+        return
+    wanted = "mask_backtracked" if data.mask_backtracked else "backtrack_position_ids"
+    for name, part in per_dataset(stats, data.dataset).items():
+        if not part.backtrack.get("tokens"):
+            raise DataError(
+                f"dataset {name!r}: not one {data.backtrack_target()!r} in its assistant turns, so {wanted} has "
+                "nothing to act on; if the data writes the token as other text (e.g. <|BACKTRACK|>), map that text to "
+                "it with token_aliases"
+            )
+
+
 def audit_lines(stats: DatasetStats, data: DataConfig, split: str = "train") -> list[str]:
     """The audit, a line per dataset, for the startup log."""
     lines = []
@@ -76,6 +95,11 @@ def audit_lines(stats: DatasetStats, data: DataConfig, split: str = "train") -> 
             f"{split}/{name} mask audit: {row['trained_share_of_tokens']:.1%} of tokens trained, "
             f"{per.get('mean', 0)} per example (p50 {per.get('p50', 0)}, p99 {per.get('p99', 0)}), end-of-turn "
             f"trained in {'n/a' if closed is None else f'{closed:.0%}'} of turns, {row['truncated']} truncated"
+            + (
+                f", {row['masked_tokens']} tokens masked ({row['masked_on_recorded_errors']} on recorded errors)"
+                if row["masked_tokens"]
+                else ""
+            )
         )
     return lines
 

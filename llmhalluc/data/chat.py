@@ -37,6 +37,7 @@ def tokenize_chat(
         backtrack_id_of(tokenizer, backtrack_token),
         mask_backtracked,
         backtrack_position_ids,
+        backtrack_token,
     )
     text, spans = render_with_assistant_spans(tokenizer, messages, last_turn_only=mask_history)
     # The backend tokenizer gives the same ids as tokenizer(text, add_special_tokens=False), plus char->token maps.

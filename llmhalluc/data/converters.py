@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from llmhalluc.config import DataConfig
 from llmhalluc.data.spec import DatasetSpec
 
 Messages = list[dict[str, Any]]
@@ -27,21 +28,59 @@ class ConvertOptions:
     """Settings converters take from the experiment config."""
 
     abstention_answer: str = "I don't know."
+    aliases: tuple[tuple[str, str], ...] = ()  # (text written in the data, the token it stands for)
+
+    @classmethod
+    def of(cls, data: DataConfig) -> ConvertOptions:
+        """The options an experiment's data settings give."""
+        return cls(data.abstention_answer, tuple(data.token_aliases.items()))
 
 
 @dataclass(frozen=True)
 class Converter:
-    """A registered converter: the function and the column names it reads (keys of an entry's `columns`)."""
+    """A registered converter: the function, the column keys it reads (keys of an entry's `columns`), those it can do
+    without, and LLaMA-Factory key names an entry may use for them."""
 
     convert: Callable[[dict[str, Any], DatasetSpec, ConvertOptions], Messages]
     columns: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def to_chat(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
     """Convert one row with the spec's converter and check the chat is well formed."""
     messages = CONVERTERS[spec.converter].convert(row, spec, options)
     check_chat(messages)
-    return messages
+    return apply_aliases(messages, options.aliases) if options.aliases else messages
+
+
+def apply_aliases(messages: Messages, aliases: tuple[tuple[str, str], ...]) -> Messages:
+    """Every alias written in a message replaced by the token it stands for; training_detail spans move with the
+    text (a span that starts or ends inside an alias covers its whole token)."""
+    return [_aliased(message, aliases) for message in messages]
+
+
+def _aliased(message: dict[str, Any], aliases: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    content = message["content"]
+    if not any(alias in content for alias, _ in aliases):
+        return message
+    pieces, starts, ends, position = [], [], [], 0  # per original character: where its unit starts and ends now
+    index = 0
+    while index < len(content):
+        match = next(((a, t) for a, t in aliases if content.startswith(a, index)), None)
+        text, width = (match[1], len(match[0])) if match else (content[index], 1)
+        starts += [position] * width
+        ends += [position + len(text)] * width
+        pieces.append(text)
+        position += len(text)
+        index += width
+    changed = {**message, "content": "".join(pieces)}
+    if message.get("training_detail"):
+        changed["training_detail"] = [
+            {**span, "begin_offset": starts[span["begin_offset"]], "end_offset": ends[span["end_offset"]] - 1}
+            for span in message["training_detail"]
+        ]
+    return changed
 
 
 def check_chat(messages: Messages) -> None:
@@ -88,6 +127,13 @@ def _check_loss_fields(message: dict[str, Any]) -> None:
             raise DropRow("malformed_training_detail")
 
 
+def _field(row: dict[str, Any], spec: DatasetSpec, key: str) -> str:
+    """The text of column key `key`: the entry's fixed instruction for it, or the row's value of its column."""
+    if key in spec.instructions:
+        return spec.instructions[key]
+    return _text(row, spec.columns.get(key))
+
+
 def _text(row: dict[str, Any], column: str | None) -> str:
     """The string in `column`, '' when the column is unset or the value is null."""
     if column is None:
@@ -104,17 +150,17 @@ def convert_alpaca(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptio
     """LLaMA-Factory alpaca: system?, history [[user, assistant], ...], prompt + "\\n" + query, response."""
     columns = spec.columns
     messages: Messages = []
-    if system := _text(row, columns.get("system")):
+    if system := _field(row, spec, "system"):
         messages.append({"role": "system", "content": system})
     history = row.get(columns["history"]) if columns.get("history") else None
     for pair in history or []:
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
             raise DropRow("malformed_history")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = "\n".join(part for part in (_text(row, columns.get("prompt")), _text(row, columns.get("query"))) if part)
+    user = "\n".join(part for part in (_field(row, spec, "prompt"), _field(row, spec, "query")) if part)
     messages += [
         {"role": "user", "content": user},
-        {"role": "assistant", "content": _text(row, columns.get("response"))},
+        {"role": "assistant", "content": _field(row, spec, "response")},
     ]
     return messages
 
@@ -134,7 +180,7 @@ def convert_sharegpt(row: dict[str, Any], spec: DatasetSpec, options: ConvertOpt
     if not isinstance(turns, list):
         raise DropRow("messages_not_a_list")
     messages: Messages = []
-    if system := _text(row, spec.columns.get("system")):
+    if system := _field(row, spec, "system"):
         messages.append({"role": "system", "content": system})
     for turn in turns:
         if not isinstance(turn, dict) or turn.get(tags["role_tag"]) not in roles:
@@ -168,20 +214,19 @@ def _content_text(content: Any) -> Any:
 
 def convert_prompt_query_response(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
     """llmhalluc's own format: user turn = prompt + "\\n" + query, assistant turn = response."""
-    columns = spec.columns
-    user = "\n".join(part for part in (_text(row, columns["prompt"]), _text(row, columns["query"])) if part)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, columns["response"])}]
+    user = "\n".join(part for part in (_field(row, spec, "prompt"), _field(row, spec, "query")) if part)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _field(row, spec, "response")}]
 
 
 def convert_gsm8k(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
-    """GSM8K: the question as the user turn, the worked answer (with its final `#### N` line) as the reply."""
-    answer = _text(row, spec.columns["answer"])
-    if answer.strip() and "####" not in answer:
+    """GSM8K: the question (then an instruction, when the entry gives one) as the user turn, the worked answer as
+    the reply; the answer must end with a final answer after one of the entry's answer_markers (`#### N` or `The
+    answer is: N` by default)."""
+    answer = _field(row, spec, "answer")
+    if answer.strip() and not any(marker in answer for marker in spec.answer_markers):
         raise DropRow("answer_without_final_line")
-    return [
-        {"role": "user", "content": _text(row, spec.columns["question"])},
-        {"role": "assistant", "content": answer},
-    ]
+    question = "\n".join(part for part in (_field(row, spec, "question"), _field(row, spec, "prompt")) if part)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 def convert_squad_v2(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
@@ -191,7 +236,7 @@ def convert_squad_v2(row: dict[str, Any], spec: DatasetSpec, options: ConvertOpt
         raise DropRow("malformed_answers")
     texts = [t for t in answers["text"] if isinstance(t, str) and t.strip()]
     reply = texts[0] if texts else options.abstention_answer
-    user = f"Context: {_text(row, spec.columns['context'])}\n\nQuestion: {_text(row, spec.columns['question'])}"
+    user = f"Context: {_field(row, spec, 'context')}\n\nQuestion: {_field(row, spec, 'question')}"
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
@@ -200,6 +245,9 @@ CONVERTERS: dict[str, Converter] = {
     "sharegpt": Converter(convert_sharegpt, ("messages", "system")),
     "openai": Converter(convert_sharegpt, ("messages", "system")),
     "prompt_query_response": Converter(convert_prompt_query_response, ("prompt", "query", "response")),
-    "gsm8k": Converter(convert_gsm8k, ("question", "answer")),
+    # The researchers' GSM8K entries name question and answer query and response, and add an instruction as prompt.
+    "gsm8k": Converter(
+        convert_gsm8k, ("question", "answer", "prompt"), ("prompt",), {"query": "question", "response": "answer"}
+    ),
     "squad_v2": Converter(convert_squad_v2, ("context", "question", "answers")),
 }

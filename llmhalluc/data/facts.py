@@ -21,6 +21,7 @@ class TokenFacts:
     backtrack_id: int | None = None
     backtrack_token: str | None = None
     new_ids: dict[str, int] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # text written in the data -> the token it stands for
 
     @property
     def stop_ids(self) -> list[int]:
@@ -30,7 +31,10 @@ class TokenFacts:
 
 
 def token_facts(
-    tokenizer: PreTrainedTokenizerBase, backtrack_token: str | None = None, new_ids: dict[str, int] | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    backtrack_token: str | None = None,
+    new_ids: dict[str, int] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> TokenFacts:
     """The TokenFacts of a tokenizer (with its chat template and pad token set, tokens added); a template without an
     end-of-turn token or a backtrack token that is not one added token is an error naming it."""
@@ -41,4 +45,5 @@ def token_facts(
         backtrack_id=backtrack_id_of(tokenizer, backtrack_token),
         backtrack_token=backtrack_token,
         new_ids=dict(new_ids or {}),
+        aliases=dict(aliases or {}),
     )

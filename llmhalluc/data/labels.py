@@ -35,6 +35,7 @@ class TokenizeOptions:
     backtrack_id: int | None = None
     mask_backtracked: bool = False
     backtrack_position_ids: bool = False
+    backtrack_text: str | None = None  # the backtrack token as written in the rendered chat
 
 
 @dataclass
@@ -48,6 +49,8 @@ class LabeledChat:
     turns: int = 0  # assistant turns with a span
     turns_closed: int = 0  # of those, turns whose trained text ends in a trained stop token
     backtrack: BacktrackStats = field(default_factory=BacktrackStats)
+    masked_tokens: int = 0  # tokens of trained turns kept out of the labels (training_detail, backtracked errors)
+    masked_on_errors: int = 0  # of those, tokens on a character training_detail records as untrained
 
     def to_dict(self) -> dict[str, list[int]]:
         """{"input_ids", "labels"} and "position_ids" when computed."""
@@ -66,8 +69,11 @@ def label_tokens(
     stops: frozenset[int] = frozenset(),
 ) -> LabeledChat:
     """Labels for the encoding's ids: trained where a token starts inside an assistant span, less what the data
-    marks untrained and (with mask_backtracked) the errors before backtracks; then truncation."""
+    marks untrained and (with mask_backtracked) the errors before backtracks; then truncation. A turn whose data
+    records its errors (training_detail) is masked by those characters, which hold under any tokenizer; the
+    token-count rule of mask_backtracked masks only turns that record none."""
     input_ids = encoding.ids
+    _check_backtrack_text(text, input_ids, options)
     labels = [IGNORE_INDEX] * len(input_ids)
     token_spans: list[tuple[int, int, int]] = []  # (first, stop, turn) per span
     for span in spans:
@@ -76,22 +82,32 @@ def label_tokens(
             raise TemplateError(f"assistant turn {span.turn}: no token starts in its span {span.start}-{span.end}")
         token_spans.append((first, stop, span.turn))
     _verify_contents(text, encoding, token_spans, spans, messages)
+    recorded: list[tuple[int, int]] = []  # character ranges the data records as untrained
+    trained_turns = []
     for (first, stop, turn), span in zip(token_spans, spans):
         message = messages[turn]
         if message.get("training") is False:
             continue
+        trained_turns.append((first, stop))
         labels[first:stop] = input_ids[first:stop]
         if message.get("training_detail"):
-            _untrain_detail(text, encoding, first, stop, span, message, labels)
+            recorded += _untrain_detail(text, encoding, first, stop, span, message, labels)
     if options.train_on_prompt:
         labels = list(input_ids)
     backtrack = BacktrackStats()
     if options.backtrack_id is not None:
-        backtrack = find_backtracked(
-            input_ids, [(f, s) for f, s, _ in token_spans], options.backtrack_id, options.mask_backtracked
+        detailed = {i for i, (_, _, turn) in enumerate(token_spans) if messages[turn].get("training_detail")}
+        plain = [(f, s) for i, (f, s, _) in enumerate(token_spans) if i not in detailed]
+        backtrack = find_backtracked(input_ids, plain, options.backtrack_id, options.mask_backtracked)
+        counted = find_backtracked(
+            input_ids, [token_spans[i][:2] for i in sorted(detailed)], options.backtrack_id, False
         )
+        backtrack.runs, backtrack.tokens = backtrack.runs + counted.runs, backtrack.tokens + counted.tokens
+        backtrack.clamped += counted.clamped
         for position in backtrack.masked_positions:
             labels[position] = IGNORE_INDEX
+    masked = [t for first, stop in trained_turns for t in range(first, stop) if labels[t] == IGNORE_INDEX]
+    on_errors = [t for t in masked if _overlaps(encoding.token_to_chars(t), recorded)]
     truncated = options.max_length is not None and len(input_ids) > options.max_length
     limit = options.max_length if truncated else len(input_ids)
     ids, labels = list(input_ids[:limit]), labels[:limit]
@@ -103,7 +119,35 @@ def label_tokens(
         if stop <= limit and labels[stop - 1] != IGNORE_INDEX and ids[stop - 1] in stops
     )
     positions = backtrack_positions(ids, options.backtrack_id) if options.backtrack_position_ids else None
-    return LabeledChat(ids, labels, positions, truncated, len(last_stop), closed, backtrack)
+    masked_kept = sum(t < limit for t in masked)
+    return LabeledChat(
+        ids,
+        labels,
+        positions,
+        truncated,
+        len(last_stop),
+        closed,
+        backtrack,
+        masked_kept,
+        sum(t < limit for t in on_errors),
+    )
+
+
+def _overlaps(token_chars: tuple[int, int], ranges: list[tuple[int, int]]) -> bool:
+    return any(token_chars[0] < end and begin < token_chars[1] for begin, end in ranges)
+
+
+def _check_backtrack_text(text: str, input_ids: list[int], options: TokenizeOptions) -> None:
+    """Every backtrack token written in the chat is read as the backtrack token (one id), or the masks and position
+    ids would miss the ones that are not."""
+    if options.backtrack_id is None or not options.backtrack_text:
+        return
+    written, read = text.count(options.backtrack_text), input_ids.count(options.backtrack_id)
+    if written != read:
+        raise TemplateError(
+            f"the backtrack token {options.backtrack_text!r} is written {written} times but read as that token {read} "
+            "times: the tokenizer splits or merges it (add it with add_special_tokens)"
+        )
 
 
 def _token_range(encoding: Encoding, span: TurnSpan, text_length: int) -> tuple[int, int]:
@@ -179,9 +223,9 @@ def _untrain_detail(
     span: TurnSpan,
     message: dict[str, Any],
     labels: list[int],
-) -> None:
+) -> list[tuple[int, int]]:
     """-100 on tokens of the span that cover a content character inside a `train: false` training_detail span
-    (character offsets into the content, end inclusive)."""
+    (character offsets into the content, end inclusive); returns those spans as ranges of the rendered text."""
     content = content_of(message)
     start = text.find(content, span.start, span.end)
     offset = 0
@@ -200,6 +244,6 @@ def _untrain_detail(
         if not d.get("train", True)
     ]
     for token in range(first, stop):
-        token_start, token_end = encoding.token_to_chars(token)
-        if any(token_start < end and begin < token_end for begin, end in untrained):
+        if _overlaps(encoding.token_to_chars(token), untrained):
             labels[token] = IGNORE_INDEX
+    return untrained

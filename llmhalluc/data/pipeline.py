@@ -47,6 +47,8 @@ class DatasetStats:
     trained_per_example: dict[str, float] = field(default_factory=dict)
     turns: int = 0  # trained assistant turns
     turns_closed: int = 0  # of those, turns whose end-of-turn token is trained
+    masked_tokens: int = 0  # tokens of trained turns kept out of the labels (training_detail, backtracked errors)
+    masked_on_errors: int = 0  # of those, tokens on characters the data records as errors (training_detail)
     backtrack: dict[str, int] = field(default_factory=dict)
     sources: dict[str, DatasetStats] = field(default_factory=dict)
 
@@ -64,6 +66,8 @@ class DatasetStats:
             "trained_per_example": self.trained_per_example,
             "turns": self.turns,
             "turns_closed": self.turns_closed,
+            "masked_tokens": self.masked_tokens,
+            "masked_on_errors": self.masked_on_errors,
         }
         if self.backtrack:
             out["backtrack"] = self.backtrack
@@ -96,9 +100,10 @@ def tokenize_options(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> To
         max_length=data.max_length,
         train_on_prompt=data.train_on_prompt,
         mask_history=data.mask_history,
-        backtrack_id=backtrack_id_of(tokenizer, data.backtrack_token),
+        backtrack_id=backtrack_id_of(tokenizer, data.backtrack_target()),
         mask_backtracked=data.mask_backtracked,
         backtrack_position_ids=data.backtrack_position_ids,
+        backtrack_text=data.backtrack_target(),
     )
 
 
@@ -173,6 +178,8 @@ def _describe(dataset: datasets.Dataset, stats: DatasetStats) -> None:
     }
     stats.turns = int(table["turns"].to_numpy().sum())
     stats.turns_closed = int(table["turns_closed"].to_numpy().sum())
+    stats.masked_tokens = int(table["masked_tokens"].to_numpy().sum())
+    stats.masked_on_errors = int(table["masked_on_errors"].to_numpy().sum())
     if "backtrack_runs" in table.column_names:
         runs = table["backtrack_runs"].to_numpy()
         stats.backtrack = {"examples_with_backtracks": int((runs > 0).sum())} | {
@@ -184,7 +191,7 @@ def _prepare_one(
     name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, seed: int
 ) -> tuple[datasets.Dataset, DatasetStats]:
     spec, raw = load_rows(name, data.dataset_dir, seed, data.max_samples)
-    convert = ConvertOptions(abstention_answer=data.abstention_answer)
+    convert = ConvertOptions.of(data)
     try:
         processed = raw.map(
             _process_batch,
@@ -226,6 +233,8 @@ def output_schema(options: TokenizeOptions) -> pa.Schema:
         "trained": pa.int32(),
         "turns": pa.int32(),
         "turns_closed": pa.int32(),
+        "masked_tokens": pa.int32(),
+        "masked_on_errors": pa.int32(),
         "drop_reason": pa.string(),
         "truncated": pa.bool_(),
     }
@@ -301,6 +310,8 @@ def _process_batch(
         out["trained"].append(trained)
         out["turns"].append(labeled.turns)
         out["turns_closed"].append(labeled.turns_closed)
+        out["masked_tokens"].append(labeled.masked_tokens)
+        out["masked_on_errors"].append(labeled.masked_on_errors)
         out["truncated"].append(labeled.truncated)
         if "position_ids" in out:
             out["position_ids"].append(labeled.position_ids or [])

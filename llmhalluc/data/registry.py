@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -10,8 +11,8 @@ from typing import Any
 
 import datasets
 
-from llmhalluc.data.converters import CONVERTERS
-from llmhalluc.data.spec import DatasetSpec
+from llmhalluc.data.converters import CONVERTERS, Converter
+from llmhalluc.data.spec import DEFAULT_ANSWER_MARKERS, DatasetSpec
 from llmhalluc.errors import DataError
 from llmhalluc.hub import check_hub_name
 
@@ -36,7 +37,9 @@ ENTRY_KEYS = {
     "tags",
     "converter",
     "metric",
+    "answer_markers",
 }
+INSTRUCTIONS_FILE = "instructions.json"  # beside dataset_info.json: name -> a fixed instruction text
 LF_COLUMN_KEYS = {
     "prompt",
     "query",
@@ -100,7 +103,12 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
         raise DataError(f"{where}: unknown converter {converter!r}; known: {', '.join(sorted(CONVERTERS))}")
     if entry.get("ranking"):
         raise DataError(f"{where}: ranking (preference) datasets are not supervised fine-tuning data")
-    columns = _columns(where, entry, formatting, converter, CONVERTERS[converter].columns)
+    columns = _columns(where, entry, formatting, CONVERTERS[converter], converter != formatting)
+    texts = read_instructions(dataset_dir)
+    instructions = {key: texts[column] for key, column in columns.items() if column in texts}
+    markers = entry.get("answer_markers", list(DEFAULT_ANSWER_MARKERS))
+    if not isinstance(markers, list) or not markers or not all(isinstance(m, str) and m.strip() for m in markers):
+        raise DataError(f"{where}: answer_markers must be a list of texts, got {markers!r}")
     tags = _tags(where, entry, formatting)
     source, location = _source(where, entry, Path(dataset_dir))
     metric = entry.get("metric")
@@ -123,7 +131,24 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
         num_samples=num_samples,
         columns_given="columns" in entry,
         metric=metric,
+        instructions=instructions,
+        answer_markers=tuple(markers),
     )
+
+
+def read_instructions(dataset_dir: str | Path) -> dict[str, str]:
+    """dataset_dir/instructions.json: fixed instruction texts by name ({} without the file). A column of a
+    dataset_info.json entry that names one (and no column of the data) puts that text in every row."""
+    path = Path(dataset_dir) / INSTRUCTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    if not isinstance(texts, dict) or not all(isinstance(v, str) and v.strip() for v in texts.values()):
+        raise DataError(f"{path}: expected an object mapping names to instruction texts")
+    return texts
 
 
 def _reject_unknown(where: str, kind: str, given: dict, valid: set[str] | tuple[str, ...]) -> None:
@@ -147,19 +172,24 @@ def _source(where: str, entry: dict, dataset_dir: Path) -> tuple[str, str]:
     return "file", str(path)
 
 
-def _columns(where: str, entry: dict, formatting: str, converter: str, own_columns: tuple[str, ...]) -> dict:
+def _columns(where: str, entry: dict, formatting: str, converter: Converter, own: bool) -> dict:
+    """The entry's column mapping: LLaMA-Factory's for its formattings; for our converters their own keys (an entry
+    may name them by LLaMA-Factory's names, e.g. query/response for a GSM8K converter's question/answer)."""
     given = entry.get("columns")
+    required = [c for c in converter.columns if c not in converter.optional]
     if given is None:
-        return dict(DEFAULT_COLUMNS[formatting]) if converter == formatting else {c: c for c in own_columns}
+        return dict(DEFAULT_COLUMNS[formatting]) if not own else {c: c for c in required}
     if not isinstance(given, dict):
         raise DataError(f"{where}: columns must be an object, got {given!r}")
-    valid = LF_COLUMN_KEYS | set(own_columns)
+    valid = LF_COLUMN_KEYS | set(converter.columns)
     _reject_unknown(where, "column key", given, valid)
+    if own:
+        given = {converter.aliases.get(key, key): value for key, value in given.items()}
     for unsupported in ("images", "videos", "audios", "chosen", "rejected", "kto_tag"):
         if given.get(unsupported):
             raise DataError(f"{where}: column {unsupported!r} is not supported (text supervised fine-tuning only)")
-    if converter != formatting:  # our converters: columns left out keep their own names
-        return {c: given.get(c, c) for c in own_columns}
+    if own:  # our converters: required columns left out keep their own names, optional ones are absent
+        return {c: given.get(c, None if c in converter.optional else c) for c in converter.columns}
     return dict(given)
 
 
@@ -178,11 +208,14 @@ def _tags(where: str, entry: dict, formatting: str) -> dict:
 def load_rows(
     name: str, dataset_dir: str | Path, seed: int = 0, max_samples: int | None = None
 ) -> tuple[DatasetSpec, datasets.Dataset]:
-    """The entry `name` and its rows (at most max_samples, the first ones), with every mapped column checked."""
+    """The entry `name` and its rows (at most max_samples, the first ones), with every mapped column checked; a
+    column that names an instruction and no column of the data gives that instruction to every row."""
     spec = resolve_dataset(name, dataset_dir)
     raw = load_raw_dataset(spec, seed=seed)
     if max_samples is not None and len(raw) > max_samples:
         raw = raw.select(range(max_samples))
+    fixed = {key: text for key, text in spec.instructions.items() if spec.columns[key] not in raw.column_names}
+    spec = dataclasses.replace(spec, instructions=fixed)
     check_columns(spec, raw)
     return spec, raw
 
@@ -263,10 +296,13 @@ def _sample(dataset: datasets.Dataset, num_samples: int, seed: int) -> datasets.
 def check_columns(spec: DatasetSpec, dataset: datasets.Dataset) -> None:
     """Raise a DataError if a column the spec maps to is missing from the data."""
     for key, column in spec.columns.items():
+        if key in spec.instructions:
+            continue
         if not spec.columns_given and key == "query" and column not in dataset.column_names:
             continue  # alpaca data often has no input column at all; only a named column must exist
         if column is not None and column not in dataset.column_names:
             raise DataError(
                 f"dataset {spec.name!r}: columns.{key} names column {column!r}, which the data lacks; "
-                f"its columns are: {', '.join(dataset.column_names)}"
+                f"its columns are: {', '.join(dataset.column_names)} (a fixed instruction would be a name in "
+                f"{INSTRUCTIONS_FILE} beside dataset_info.json)"
             )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# What precedes the final answer of a worked solution: GSM8K's own line, and "The answer is:" as the researchers'
+# converter writes it. The first of them found in a text decides (docs/evaluation.md).
+DEFAULT_ANSWER_MARKERS = ("####", "The answer is:")
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -22,3 +26,5 @@ class DatasetSpec:
     num_samples: int | None = None
     columns_given: bool = False
     metric: str | None = None  # (ours) how train/eval.py scores generations; None: chosen by the converter
+    instructions: dict[str, str] = field(default_factory=dict)  # column key -> a fixed text for every row
+    answer_markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS  # (ours) what precedes a final answer (GSM8K-style)

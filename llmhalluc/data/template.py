@@ -28,7 +28,7 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
     if not template:
         raise TemplateError(
             f"the tokenizer of {tokenizer.name_or_path or 'this model'} has no chat template: set `template` to a "
-            "built-in name (chatml, qwen, llama3, mistral, gemma, phi3) or a .jinja file"
+            "built-in name (chatml, qwen, qwen3, qwen3_nothink, llama3, mistral, gemma, phi3) or a .jinja file"
         )
     return template
 

@@ -23,11 +23,14 @@ from llmhalluc.errors import UserError
 
 @dataclass
 class Generation:
-    """One generated answer: the text the model meant (backtracks applied), the raw text, its backtrack count."""
+    """One generated answer: the text the model meant (backtracks applied), the raw text (a token written in the
+    data as an alias shown as that alias), its backtrack count, and the text with the backtrack tokens dropped but
+    not applied (what a scorer that ignores backtracks would read)."""
 
     prediction: str
     raw: str
     backtracks: int
+    unapplied: str
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]]) -> list[str]:
@@ -35,16 +38,21 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]]
     return [render(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
 
 
-def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: set[int], backtrack_id: int | None) -> Generation:
-    """The generated ids up to the first stop token, as text, raw and with backtracks applied."""
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], facts: TokenFacts) -> Generation:
+    """The generated ids up to the first stop token, as text: raw, and with backtracks applied."""
+    stops, backtrack_id = set(facts.stop_ids), facts.backtrack_id
     end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
     ids = [t for t in ids[:end] if t != tokenizer.pad_token_id]
     raw = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for alias, token in facts.aliases.items():
+        raw = raw.replace(token, alias)
     if backtrack_id is None:
-        return Generation(raw, raw, 0)
+        return Generation(raw, raw, 0, raw)
     meant = apply_backtracks(ids, backtrack_id)
     text = tokenizer.decode(meant, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return Generation(text, raw, sum(t == backtrack_id for t in ids))
+    dropped = [t for t in ids if t != backtrack_id]
+    unapplied = tokenizer.decode(dropped, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return Generation(text, raw, sum(t == backtrack_id for t in ids), unapplied)
 
 
 def generate_hf(
@@ -82,7 +90,7 @@ def generate_hf(
                 use_cache=True,
             )
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
-        results += [(i, decode(tokenizer, ids, set(stops), facts.backtrack_id)) for i, ids in zip(indices, new)]
+        results += [(i, decode(tokenizer, ids, facts)) for i, ids in zip(indices, new)]
         bar.update(len(indices) * ranks)
     bar.close()
     ordered = dict(gather_object(results) if ranks > 1 else results)
@@ -137,4 +145,4 @@ def generate_vllm(
     engine = LLM(model=model_path, tokenizer=model_path)
     requests = [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
     outputs = engine.generate(requests, sampling)
-    return [decode(tokenizer, list(o.outputs[0].token_ids), set(stops), facts.backtrack_id) for o in outputs]
+    return [decode(tokenizer, list(o.outputs[0].token_ids), facts) for o in outputs]

@@ -45,7 +45,7 @@ def metric_of(spec: DatasetSpec) -> str:
 def load_eval_set(name: str, data: DataConfig, seed: int = 0) -> EvalSet:
     """The eval items of a dataset_info.json entry (rows that cannot become a chat are dropped and counted)."""
     spec, raw = load_rows(name, data.dataset_dir, seed, data.max_samples)
-    options = ConvertOptions(abstention_answer=data.abstention_answer)
+    options = ConvertOptions.of(data)
     metric = metric_of(spec)
     items, dropped = [], Counter()
     for index, row in enumerate(raw):

@@ -83,7 +83,7 @@ def score_set(
         scored = score(eval_set.metric, generation.prediction, item.references, item.answerable, abstention)
         scores.append(scored)
         if with_backtracks:  # the raw output with the backtrack tokens dropped, not applied
-            unapplied = generation.raw.replace(config.data.backtrack_token, "")
+            unapplied = generation.unapplied
             before.append(score(eval_set.metric, unapplied, item.references, item.answerable, abstention).correct)
         records.append(
             {

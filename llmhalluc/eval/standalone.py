@@ -10,7 +10,7 @@ from typing import Any
 from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
-from llmhalluc.config import Config
+from llmhalluc.config import Config, DataConfig
 from llmhalluc.data.facts import TokenFacts, token_facts
 from llmhalluc.eval.generation import check_engine
 from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows, results_table
@@ -50,7 +50,7 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
     model_config = dataclasses.replace(config.model, model_name_or_path=str(source))
     accelerator.print(f"evaluating {source} on {', '.join(config.data.eval_dataset)}")
     tokenizer = load_tokenizer(model_config)
-    facts = eval_token_facts(tokenizer, config.data.backtrack_token, accelerator)
+    facts = eval_token_facts(tokenizer, config.data, accelerator)
     model = None
     if config.generation.engine == "hf":
         if is_adapter(source):
@@ -74,16 +74,17 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
-def eval_token_facts(tokenizer: PreTrainedTokenizerBase, backtrack_token: str | None, accelerator: Any) -> TokenFacts:
+def eval_token_facts(tokenizer: PreTrainedTokenizerBase, data: DataConfig, accelerator: Any) -> TokenFacts:
     """The evaluated tokenizer's token facts; a configured backtrack token the model does not have (a base model
     evaluated with its fine-tuning config) is said, and generations are then scored as written."""
+    backtrack_token = data.backtrack_target()
     if backtrack_token is not None and backtrack_token not in tokenizer.get_vocab():
         accelerator.print(
             f"note: the evaluated tokenizer has no {backtrack_token}; generations are scored as written, without "
             "applying backtracks"
         )
         backtrack_token = None
-    return token_facts(tokenizer, backtrack_token)
+    return token_facts(tokenizer, backtrack_token, aliases=data.token_aliases)
 
 
 def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir: Path) -> None:

@@ -112,9 +112,10 @@ def save_model(
     network = accelerator.unwrap_model(model, keep_torch_compile=False)
     tensors: dict[str, torch.Tensor] = {}
     if export.kind == "lora":
-        trainable = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
-        with gathered([p for _, p in trainable]):
-            tensors = {n: p.detach().cpu().clone() for n, p in trainable} if accelerator.is_main_process else {}
+        # The adapter's tensors: what trains, and new-token rows kept frozen (freeze_new_token_rows), never the base.
+        adapter = [(n, p) for n, p in network.named_parameters() if p.requires_grad or "token_adapter" in n]
+        with gathered([p for _, p in adapter]):
+            tensors = {n: p.detach().cpu().clone() for n, p in adapter} if accelerator.is_main_process else {}
     elif any_partitioned(network) or accelerator.is_main_process:
         tensors = accelerator.get_state_dict(model)  # a collective under ZeRO-3; the others only build it on rank 0
     if accelerator.is_main_process:

@@ -81,7 +81,12 @@ def wrap_lora(model: PreTrainedModel, config: ModelConfig, new_tokens: NewTokens
         trainable_token_indices=token_rows,
     )
     torch.manual_seed(seed)
-    return get_peft_model(model, lora_config)
+    wrapped = get_peft_model(model, lora_config)
+    if config.freeze_new_token_rows:  # kept as initialised; PEFT still saves them with the adapter
+        for name, parameter in wrapped.named_parameters():
+            if "token_adapter" in name:
+                parameter.requires_grad_(False)
+    return wrapped
 
 
 def _module_name(model: PreTrainedModel, module: torch.nn.Module) -> str:

@@ -35,6 +35,8 @@ class TemplateTokens:
 TEMPLATE_TOKENS = {
     "chatml": TemplateTokens(None, "<|im_end|>", ("<|im_start|>", "<|endoftext|>")),
     "qwen": TemplateTokens(None, "<|im_end|>", ("<|im_start|>", "<|endoftext|>")),
+    "qwen3": TemplateTokens(None, "<|im_end|>", ("<|im_start|>", "<|endoftext|>")),
+    "qwen3_nothink": TemplateTokens(None, "<|im_end|>", ("<|im_start|>", "<|endoftext|>")),
     "llama3": TemplateTokens("<|begin_of_text|>", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>")),
     "mistral": TemplateTokens("<s>", "</s>", ("[INST]", "[/INST]")),
     "gemma": TemplateTokens("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),

@@ -14,7 +14,7 @@ from accelerate.data_loader import skip_first_batches
 from torch.utils.data import DataLoader
 
 from llmhalluc.config import Config, DataConfig
-from llmhalluc.data.audit import audit, audit_lines, marked_html, warnings
+from llmhalluc.data.audit import audit, audit_lines, check_backtracks, marked_html, warnings
 from llmhalluc.data.batching import (
     GlobalBatchSampler,
     PackedCollator,
@@ -82,6 +82,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         data.dataset, data, tokenizer, training.seed, partial(data_preparation_turns, accelerator)
     )
     accelerator.print(stats.summary("train"))
+    check_backtracks(stats, data)
     for line in audit_lines(stats, data):
         accelerator.print(line)
     problems = warnings(stats, data)

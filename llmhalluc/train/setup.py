@@ -120,7 +120,9 @@ def setup(config: Config, stage: Stage) -> Run:
     layout = batch_layout(config.data, attention, on_gpu, model_config.torch_compile)
     data = stage.prepare(config, tokenizer, accelerator, layout)
     eval_data = stage.prepare_eval(config, tokenizer, accelerator)
-    facts = token_facts(tokenizer, config.data.backtrack_token, new_tokens.ids)  # after the data's own named errors
+    facts = token_facts(
+        tokenizer, config.data.backtrack_target(), new_tokens.ids, config.data.token_aliases
+    )  # after the data's own named errors
     generation = config.generation
     generation_sets = (
         load_eval_sets(config, generation.generation_eval_samples) if generation.generation_eval_steps else []
