@@ -46,10 +46,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def sft_command(args: list[str], accelerate_config: str | None = None) -> list[str]:
-    """The command line of train/sft.py, under `accelerate launch` (on a free port) when a config is named."""
+def sft_command(args: list[str], accelerate_config: str | None = None, script: str = "sft.py") -> list[str]:
+    """The command line of train/<script>, under `accelerate launch` (on a free port) when a config is named."""
     if accelerate_config is None:
-        return [sys.executable, str(REPO / "train" / "sft.py"), *args]
+        return [sys.executable, str(REPO / "train" / script), *args]
     return [
         sys.executable,
         "-m",
@@ -58,9 +58,12 @@ def sft_command(args: list[str], accelerate_config: str | None = None) -> list[s
         str(REPO / "accelerate_configs" / accelerate_config),
         "--main_process_port",
         str(free_port()),
-        str(REPO / "train" / "sft.py"),
+        str(REPO / "train" / script),
         *args,
     ]
+
+
+FORKED_CONFIGS = {"cpu_ddp.yaml", "cpu_zero2.yaml", "cpu_zero3.yaml", "cpu_zero3_offload.yaml"}
 
 
 def run_sft(
@@ -70,30 +73,129 @@ def run_sft(
     timeout: int = 600,
     env: dict[str, str] | None = None,
     fresh_process: bool = False,
+    inject: str | None = None,
+    real_launch: bool = False,
+    script: str = "sft.py",
 ) -> subprocess.CompletedProcess:
-    """Run train/sft.py (with `env` added to the environment): under `accelerate launch` when a config is named, in
-    a fresh python when asked (code injected at start-up, compiled graphs), else in this process (the same main(),
-    without paying ~4 s of imports again); on an unexpected exit code, fail showing every rank's output, so a
-    flaky launch is diagnosable."""
-    command = sft_command(args, accelerate_config)
-    if accelerate_config is None and not fresh_process:
+    """Run train/<script> (with `env` added to the environment): ranks forked from the fork server for a 2-process
+    CPU config of accelerate_configs/ (or one fresh process when asked: code injected at start-up, compiled graphs),
+    under a real `accelerate launch` for any other config or when the launcher itself is tested, else in this
+    process (the same main(), without paying ~4 s of imports again). On an unexpected exit code, fail showing every
+    rank's output, so a flaky run is diagnosable."""
+    command = sft_command(args, accelerate_config, script)
+    if accelerate_config is None and not fresh_process and inject is None:
         saved = dict(os.environ)
         os.environ.update(env or {})
         try:
-            result = run_in_process(args)
+            result = run_in_process(args, script)
         finally:
             os.environ.clear()
             os.environ.update(saved)
+    elif not real_launch and (accelerate_config is None or accelerate_config in FORKED_CONFIGS):
+        result = run_forked(args, accelerate_config, env=env, inject=inject, timeout=timeout, script=script)
     else:
-        result = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-        )
+        environment = {**os.environ, **(env or {})}
+        if inject is not None:  # a sitecustomize runs it in every process at start-up
+            folder = Path(tempfile.mkdtemp(prefix="llmhalluc-inject-"))
+            (folder / "sitecustomize.py").write_text(inject)
+            environment["PYTHONPATH"] = f"{folder}:{environment.get('PYTHONPATH', '')}"
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
     if result.returncode != expect_code:
         pytest.fail(
             f"exit code {result.returncode}, expected {expect_code}: {' '.join(command)}\n"
             f"--- stdout ---\n{result.stdout[-20000:]}\n--- stderr ---\n{result.stderr[-20000:]}"
         )
     return result
+
+
+class ForkServer:
+    """The client of tests/forkserver.py: a process that imported the toolkit once and forks each run's ranks."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "forkserver.py")],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert json.loads(self.process.stdout.readline()) == {"ready": True}
+
+    def request(self, **request: object) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def start(self, runs: list[dict], processes: int) -> list[int]:
+        """Fork the ranks of `runs` (run one after another); their pids, at once."""
+        return self.request(op="start", processes=processes, runs=runs)["pids"]
+
+    def wait(self, pids: list[int], timeout: float = 900) -> list[int]:
+        """The ranks' exit codes, once all have ended."""
+        return self.request(op="wait", pids=pids, timeout=timeout)["codes"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+_FORK_SERVER: list[ForkServer] = []
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server, started on first use."""
+    if not _FORK_SERVER:
+        _FORK_SERVER.append(ForkServer())
+    return _FORK_SERVER[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for server in _FORK_SERVER:
+        server.close()
+
+
+def forked_run(
+    args: list[str],
+    accelerate_config: str | None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    inject: str | None = None,
+    script: str = "sft.py",
+    expect: int = 0,
+) -> dict:
+    """One run as the fork server takes it."""
+    log = log or Path(tempfile.mkdtemp(prefix="llmhalluc-run-"))
+    run = {"args": args, "accelerate_config": accelerate_config, "log": str(log), "script": script, "expect": expect}
+    return run | {"env": env or {}, "inject": inject}
+
+
+def start_forked(args: list[str], accelerate_config: str | None, log: Path, **options: object) -> list[int]:
+    """Fork a run's ranks (2 for an accelerate config, else 1) and return their pids (a test may kill them)."""
+    processes = 2 if accelerate_config else 1
+    return fork_server().start([forked_run(args, accelerate_config, log, **options)], processes)
+
+
+def run_forked(
+    args: list[str], accelerate_config: str | None, timeout: int = 600, script: str = "sft.py", **options: object
+) -> subprocess.CompletedProcess:
+    """A run whose ranks the fork server forks; rank 0's output, every rank's errors, the first non-zero code."""
+    run = forked_run(args, accelerate_config, script=script, **options)
+    codes = fork_server().wait(
+        start_forked(args, accelerate_config, Path(run["log"]), script=script, **options), timeout
+    )
+    return completed(run, next((c for c in codes if c != 0), 0))
+
+
+def completed(run: dict, code: int) -> subprocess.CompletedProcess:
+    """A finished forked run as a CompletedProcess: rank 0's stdout, every rank's stderr."""
+
+    def output(name: str) -> str:
+        path = Path(run["log"]) / name
+        return path.read_text() if path.exists() else ""
+
+    return subprocess.CompletedProcess(
+        run["args"], code, output("rank0.out"), output("rank0.err") + output("rank1.err")
+    )
 
 
 def run_in_process(args: list[str], script: str = "sft.py", cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -131,48 +233,20 @@ def run_in_process(args: list[str], script: str = "sft.py", cwd: Path = REPO) ->
 def run_sft_many(
     runs: list[tuple[list[str], str]], log_root: Path, timeout: int = 1800
 ) -> list[subprocess.CompletedProcess]:
-    """Several 2-process train/sft.py runs, each (args, accelerate config of accelerate_configs/), in one launch of
-    tests/launch_many.py, in order; one CompletedProcess per run with rank 0's stdout and every rank's stderr. A run
-    that fails fails the test, showing its output."""
-    log_root.mkdir(parents=True, exist_ok=True)
-    plan = [
-        {"args": args, "accelerate_config": launch, "log": str(log_root / f"run{i}")}
-        for i, (args, launch) in enumerate(runs)
-    ]
-    plan_file = log_root / "plan.json"
-    plan_file.write_text(json.dumps(plan, indent=1))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(REPO / "tests" / "launch_many.py"),
-        str(plan_file),
-    ]
-    launched = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-    def output(entry: dict, name: str) -> str:
-        path = Path(entry["log"]) / name
-        return path.read_text() if path.exists() else ""
-
-    results = [
-        subprocess.CompletedProcess(
-            entry["args"], 0, output(entry, "rank0.out"), output(entry, "rank0.err") + output(entry, "rank1.err")
-        )
-        for entry in plan
-    ]
-    if launched.returncode != 0:
-        failed = next((i for i, r in enumerate(results) if not (Path(plan[i]["log"]) / "rank0.out").exists()), None)
-        shown = "\n".join(
-            f"--- run {i}: {' '.join(r.args)}\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}" for i, r in enumerate(results)
-        )
-        pytest.fail(
-            f"launch of {len(runs)} runs failed (exit {launched.returncode}; first run without output: {failed})\n"
-            f"{launched.stderr[-6000:]}\n{shown}"
-        )
+    """Several 2-process train/sft.py runs, each (args, accelerate config of accelerate_configs/), their ranks
+    forked from the fork server one run after another; one CompletedProcess per run. A run that fails fails the
+    test, showing its output."""
+    results = []
+    for index, (args, launch) in enumerate(runs):
+        run = forked_run(args, launch, log_root / f"run{index}")
+        codes = fork_server().wait(fork_server().start([run], 2), timeout)
+        result = completed(run, next((c for c in codes if c != 0), 0))
+        if result.returncode != 0:
+            pytest.fail(
+                f"run {index} failed (exit {result.returncode}): {' '.join(args)}\n"
+                f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+            )
+        results.append(result)
     return results
 
 

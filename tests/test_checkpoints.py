@@ -19,7 +19,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_in_process, run_sft, run_sft_many, sft_command, write_chats
+from conftest import (
+    REPO,
+    fork_server,
+    read_metrics,
+    run_in_process,
+    run_sft,
+    run_sft_many,
+    sft_command,
+    start_forked,
+    write_chats,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -124,28 +134,30 @@ def save_only(runs) -> dict[tuple[str, str], Path]:
     return {key[1:]: out for key, out in runs.items() if key[0] == "only"}
 
 
-def kill_everything(process: subprocess.Popen) -> None:
-    """SIGKILL the process and every process under it at once (the launcher and its ranks), like a node failure."""
-    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    process.wait(timeout=60)
+def alive(pid: int) -> bool:
+    """Whether a process runs (an ended rank stays a zombie of the fork server until it is reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def start_and_kill(args: list[str], launch: str | None, log: Path, ready) -> None:
-    """Start train/sft.py (unbuffered output into `log`), SIGKILL it the moment `ready(log)` holds."""
-    with log.open("w") as sink:
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            sft_command(args, launch), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=environment
-        )
+    """Start a run (its ranks forked, their output in log/rank0.out), SIGKILL every rank at once the moment
+    `ready(rank 0's output)` holds, like a node failure."""
+    pids = start_forked(args, launch, log)
+    output = log / "rank0.out"
     deadline = time.time() + 300
-    while not ready(log):
-        assert process.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-4000:]}"
-        assert time.time() < deadline, log.read_text()[-4000:]
+    while not (output.exists() and ready(output)):
+        assert all(alive(pid) for pid in pids), (
+            f"the run ended before it could be killed:\n{output.read_text()[-4000:]}"
+        )
+        assert time.time() < deadline, output.read_text()[-4000:]
         time.sleep(0.002)
-    kill_everything(process)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert all(code == -signal.SIGKILL for code in fork_server().wait(pids))
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +179,8 @@ def resumed(setup, uninterrupted) -> dict[tuple[str, str], Path]:
                 log,
                 lambda path: "resumed from" in path.read_text() and "step 6/" in path.read_text(),
             )
-            text = log.read_text()
-            assert "skipping incomplete checkpoint" in text and "checkpoint-4 at step 4" in text
+            text = (log / "rank0.out").read_text()
+            assert "checkpoint-4 at step 4" in text and "skipping incomplete checkpoint" in text
     resumes = run_cells(setup, {("resumed", *cell): ("resume_from_checkpoint=latest",) for cell in CELLS})
     return {key[1:]: out for key, out in resumes.items()}
 
@@ -507,7 +519,7 @@ def test_checkpoint_of_another_run_is_refused_naming_the_keys(setup, uninterrupt
     result = run_sft([*args, f"dataset_dir={grown}"], expect_code=2)
     assert "steps per epoch: checkpoint has 3, this run has 4 (the data changed" in result.stderr
     # Another process count at the same global batch: named, with what to do, by every rank.
-    result = run_sft([*args, "gradient_accumulation_steps=1"], accelerate_config="cpu_ddp.yaml", expect_code=1)
+    result = run_sft([*args, "gradient_accumulation_steps=1"], accelerate_config="cpu_ddp.yaml", expect_code=2)
     assert "processes: the checkpoint was written by 1, this run has 2" in result.stderr
     assert "resume with 1 processes" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-8"]  # nothing written

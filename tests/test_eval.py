@@ -112,31 +112,8 @@ def eval_args(tiny_model_dir, out, *extra):
 
 
 def run_eval(args, launch=None, expect_code=0):
-    """train/eval.py under accelerate launch, or (one process) its main() in this process."""
-    import subprocess
-    import sys
-
-    from conftest import free_port, run_in_process
-
-    if launch is None:
-        result = run_in_process(args, "eval.py")
-        assert result.returncode == expect_code, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
-    command = [sys.executable, str(REPO / "train" / "eval.py"), *args]
-    if launch:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / launch),
-            "--main_process_port",
-            str(free_port()),
-            *command[1:],
-        ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == expect_code, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    """train/eval.py: its ranks forked for a 2-process config, else its main() in this process."""
+    return run_sft(args, accelerate_config=launch, expect_code=expect_code, script="eval.py")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ run_summary.json completed (or marked failed), loss plots, and throughput that e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -46,14 +45,6 @@ def demo_chats(count: int) -> list[list[dict]]:
     return [json.loads(line)["messages"] for line in lines]
 
 
-def injected(tmp_path, name: str, code: str) -> dict[str, str]:
-    """An environment whose python runs `code` at start-up (sitecustomize)."""
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(code)
-    return {"PYTHONPATH": f"{folder}:{os.environ.get('PYTHONPATH', '')}"}
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tiny_model_dir):
     """A config with nothing but the essentials on a 10-example dataset, batch 4, 2 epochs, evaluated every step
@@ -66,7 +57,7 @@ def small_run(tmp_path_factory, tiny_model_dir):
         f"output_dir: {root / 'out'}\nper_device_train_batch_size: 4\nnum_train_epochs: 2\nlearning_rate: 1.0e-3\n"
         "logging_steps: 1\neval_steps: 1\nsave_steps: 2\n"
     )
-    result = run_sft([str(config)], env=injected(root, "slow", SLOW_EVAL_AND_SAVE), fresh_process=True)
+    result = run_sft([str(config)], inject=SLOW_EVAL_AND_SAVE)
     return root / "out", result
 
 
@@ -87,8 +78,9 @@ def test_throughput_excludes_evaluation_and_saving(small_run):
     training = [r for r in rows if "loss" in r]
     evaluations = [r for r in rows if "eval_loss" in r]
     assert len(evaluations) == 4 and all(r["eval_time"] >= 1.0 for r in evaluations)
-    # Every row follows an evaluation and half follow a checkpoint, each slowed by a second; steps take far less.
-    assert all(r["step_time"] < 0.5 for r in training), [r["step_time"] for r in training]
+    # Every row follows an evaluation and half follow a checkpoint, each slowed by a whole second: a step time that
+    # counted either would be over a second (a bound on the logic, not on this machine's speed).
+    assert all(r["step_time"] < 1.0 for r in training), [r["step_time"] for r in training]
     for r in training:
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["step_time"], rel=1e-6)
 
@@ -121,7 +113,7 @@ def test_a_crashed_run_is_marked_failed_with_its_error(tmp_path, tiny_model_dir,
         "logging_steps=1",
         f"output_dir={out}",
     ]
-    result = run_sft(args, expect_code=1, env=injected(tmp_path, "crash", CRASH_AT_STEP_3), fresh_process=True)
+    result = run_sft(args, expect_code=1, inject=CRASH_AT_STEP_3)
     assert "injected failure in step 3" in result.stderr
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "failed"

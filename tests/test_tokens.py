@@ -4,7 +4,6 @@ without spare embedding rows, in one process and under 2-process ZeRO-3."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -184,9 +183,6 @@ def token_runs(tmp_path_factory):
         messages[-1]["content"] = "<A> " + messages[-1]["content"]
         chats.append(messages)
     write_chats(root / "data", "marked", chats)
-    hook = root / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(DUMP_INITIAL_ROWS)
     args = [
         "configs/demo.yaml",
         f"model_name_or_path={model_dir}",
@@ -207,8 +203,10 @@ def token_runs(tmp_path_factory):
     runs = {}
     zero3 = ["per_device_train_batch_size=1", "max_steps=1"]  # its rows as initialised are what is compared
     for name, launch, extra in (("one", None, []), ("zero3", "cpu_zero3.yaml", zero3)):
-        env = {"PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}", "DUMP_ROWS": str(root / f"{name}.pt")}
-        run_sft([*args, *extra, f"output_dir={root / name}"], accelerate_config=launch, env=env, fresh_process=True)
+        env = {"DUMP_ROWS": str(root / f"{name}.pt")}
+        run_sft(
+            [*args, *extra, f"output_dir={root / name}"], accelerate_config=launch, env=env, inject=DUMP_INITIAL_ROWS
+        )
         runs[name] = root / name
     resumed = root / "resumed"
     resumed.mkdir()
