@@ -429,8 +429,9 @@ def test_an_evaluation_only_config_evaluates_the_model_it_names(setup, uninterru
     (tmp_path / "eval.yaml").write_text(f"model_name_or_path: {model}\neval_dataset: held_out\n")
     result = run_in_process(["eval.yaml", "max_new_tokens=8"], script="eval.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "outputs" / "eval" / model.name / "results.json").read_text())
-    assert results["held_out"]["count"] == 4
+    (written,) = (tmp_path / "outputs" / "eval" / model.name).glob("*/results.json")  # eval_tag: the start time
+    results = json.loads(written.read_text())
+    assert results["results"]["held_out"]["count"] == 4 and results["model"] == str(model)
 
 
 # --- preemption, and a checkpoint of another run -------------------------------------------------------------

@@ -13,32 +13,8 @@ from conftest import REPO, read_metrics, run_sft, write_chats
 
 from llmhalluc.data.facts import token_facts
 from llmhalluc.eval.generation import decode
-from llmhalluc.eval.metrics import (
-    abstains,
-    aggregate,
-    gsm8k_flexible,
-    gsm8k_strict,
-    normalize_answer,
-    normalize_number,
-    score,
-    squad_f1,
-)
+from llmhalluc.eval.metrics import abstains, aggregate, final_answer, normalize_answer, score, squad_f1
 from llmhalluc.models.tiny import build_tokenizer
-
-
-def test_gsm8k_extraction_strict_and_flexible():
-    assert gsm8k_strict("so 3 + 4 = 7.\n#### 7") == "7"
-    assert gsm8k_strict("#### 5\n#### $1,234.00") == "1234"  # the last ####, separators and $ and .00 gone
-    assert gsm8k_strict("The answer is 7.") is None
-    assert gsm8k_flexible("The answer is 7.") == "7"
-    assert gsm8k_flexible("costs $12 then 1,500 more") == "1500"
-    assert gsm8k_flexible("no number") is None
-    assert normalize_number(" -3.0 ") == "-3" and normalize_number("2.50") == "2.50" and normalize_number("7.") == "7"
-    gold = ["Step.\n#### 1200"]
-    both = score("gsm8k", "So #### 1,200", gold, True, "I don't know.")
-    flexible_only = score("gsm8k", "It is 1200 apples", gold, True, "I don't know.")
-    assert (both.strict, both.flexible, both.correct) == (True, True, True)
-    assert (flexible_only.strict, flexible_only.flexible) == (False, True)
 
 
 def test_squad_v2_normalisation_several_golds_and_abstention():
@@ -90,7 +66,7 @@ def test_generations_are_scored_after_their_backtracks():
     out = decode(tokenizer, generated, token_facts(tokenizer, "<|BACKTRACK|>"))
     assert out.backtracks == 1 and out.raw == "#### 12<|BACKTRACK|> 13"  # cut at the stop token
     assert out.prediction == "#### 13"  # what the model meant
-    assert gsm8k_strict(out.prediction) == "13" and gsm8k_strict(out.unapplied) == "12"
+    assert final_answer(out.prediction) == "13" and final_answer(out.unapplied) == "12"
     # A token the data writes as an alias is shown as that alias in the raw text.
     aliased = decode(tokenizer, generated, token_facts(tokenizer, "<|BACKTRACK|>", aliases={"<BT>": "<|BACKTRACK|>"}))
     assert aliased.raw == "#### 12<BT> 13" and aliased.prediction == "#### 13"
@@ -107,6 +83,7 @@ def eval_args(tiny_model_dir, out, *extra):
         "max_samples=11",  # 11 prompts over 2 ranks: uneven shards
         "max_new_tokens=24",
         "generation_batch_size=4",
+        "eval_tag=t",
         *extra,
     ]
 
@@ -122,7 +99,7 @@ def test_one_process_ddp_and_zero3_evaluations_are_identical(tmp_path, tiny_mode
     for name, launch in (("one", None), ("ddp", "cpu_ddp.yaml"), ("zero3", "cpu_zero3.yaml")):
         out = tmp_path / name
         run_eval(eval_args(tiny_model_dir, out), launch)
-        outputs[name] = out / "eval"
+        outputs[name] = out / "eval" / "t"
     reference = (outputs["one"] / "demo_eval" / "predictions.jsonl").read_text()
     rows = [json.loads(line) for line in reference.splitlines()]
     assert [r["index"] for r in rows] == list(range(11))  # every example once, in dataset order
@@ -139,8 +116,9 @@ def test_one_process_ddp_and_zero3_evaluations_are_identical(tmp_path, tiny_mode
     }
     for name in ("ddp", "zero3"):
         assert (outputs[name] / "demo_eval" / "predictions.jsonl").read_text() == reference, name
-        assert (outputs[name] / "results.json").read_text() == (outputs["one"] / "results.json").read_text()
-    results = json.loads((outputs["one"] / "results.json").read_text())["demo_eval"]
+        written = [json.loads((outputs[n] / "results.json").read_text()) for n in (name, "one")]
+        assert written[0]["results"] == written[1]["results"] and written[0]["generation"] == written[1]["generation"]
+    results = json.loads((outputs["one"] / "results.json").read_text())["results"]["demo_eval"]
     assert results["count"] == 11 and {"accuracy_strict", "accuracy_flexible"} <= set(results)
 
 
@@ -175,9 +153,9 @@ def test_generation_eval_during_training_logs_rows_and_leaves_training_untouched
 @pytest.mark.slow
 def test_the_demo_evaluation_reports_accuracy_and_abstention(demo_runs):
     out = demo_runs / "gen"
-    result = run_eval(["configs/demo.yaml", f"output_dir={out}", "max_new_tokens=32"])
+    result = run_eval(["configs/demo.yaml", f"output_dir={out}", "max_new_tokens=32", "eval_tag=demo"])
     assert f"evaluating {out} on demo_eval" in result.stdout  # the trained model in output_dir
-    results = json.loads((out / "eval" / "results.json").read_text())["demo_eval"]
+    results = json.loads((out / "eval" / "demo" / "results.json").read_text())["results"]["demo_eval"]
     assert results["count"] == 48 and results["unanswerable"] == 3 and results["answerable"] == 45
     for key in (
         "accuracy_strict",
@@ -187,7 +165,8 @@ def test_the_demo_evaluation_reports_accuracy_and_abstention(demo_runs):
         "over_abstention_rate",
     ):
         assert 0.0 <= results[key] <= 1.0, key
-    rows = [json.loads(line) for line in (out / "eval" / "demo_eval" / "predictions.jsonl").read_text().splitlines()]
+    predictions = out / "eval" / "demo" / "demo_eval" / "predictions.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 48 and sum(r["answerable"] is False for r in rows) == 3
     assert "| demo_eval | abstention_rate |" in result.stdout
 
@@ -227,8 +206,9 @@ def test_a_turn_end_that_is_not_eos_stops_generation_after_reload(tmp_path):
     )
     generated = model.generate(**chat, max_new_tokens=20, do_sample=False)[0, chat["input_ids"].shape[1] :].tolist()
     assert end in generated and generated.index(end) == len(generated) - 1 < 19  # stopped at the turn end
-    result = run_eval(["configs/demo.yaml", f"output_dir={out}", "eval_dataset=ok", f"dataset_dir={tmp_path / 'data'}"])
-    rows = [json.loads(line) for line in (out / "eval" / "ok" / "predictions.jsonl").read_text().splitlines()]
+    data = f"dataset_dir={tmp_path / 'data'}"
+    result = run_eval(["configs/demo.yaml", f"output_dir={out}", "eval_dataset=ok", data, "eval_tag=ok"])
+    rows = [json.loads(line) for line in (out / "eval" / "ok" / "ok" / "predictions.jsonl").read_text().splitlines()]
     assert all(r["raw_prediction"] == "ok" and r["correct"] for r in rows), rows[:2]
     assert "exact_match | 1.0000" in result.stdout
 

@@ -21,6 +21,7 @@ LAYERS = {
     "train": 6,
     "cli": 7,
     "merge": 7,
+    "lm_eval": 7,
     "__init__": 7,
 }
 

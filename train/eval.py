@@ -1,7 +1,8 @@
 """Generation evaluation: `[accelerate launch ...] train/eval.py CONFIG.yaml [key=value ...] [--debug]`.
 
 Evaluates the trained model in output_dir (or model_name_or_path when output_dir holds none) on eval_dataset and
-writes output_dir/eval/<dataset>/predictions.jsonl and output_dir/eval/results.json.
+writes output_dir/eval/<eval_tag>/<dataset>/predictions.jsonl and output_dir/eval/<eval_tag>/results.json
+(eval_tag defaults to the UTC start time: an earlier evaluation is never overwritten).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmhalluc.config.schema import PURPOSES, REPORTERS, SECTIONS, Config
+from llmhalluc.config.schema import OVERLAP_METRICS, PURPOSES, REPORTERS, SECTIONS, Config
 from llmhalluc.config.tokens import token_description_problems
 from llmhalluc.errors import ConfigError
 
@@ -175,6 +176,13 @@ def _cross_checks(config: Config) -> list[str]:
             "engine: vllm with generation_eval_steps: evaluation during training generates with the model being "
             "trained (engine: hf); vLLM is for train/eval.py on a saved model"
         )
+    for name in generation.overlap_metrics:
+        if name not in OVERLAP_METRICS:
+            problems.append(f"overlap_metrics: unknown metric {name!r}; choose from {', '.join(OVERLAP_METRICS)}")
+    if generation.eval_tag is not None and not re.fullmatch(r"[\w.\-]+", generation.eval_tag):
+        problems.append(f"eval_tag: {generation.eval_tag!r} must be a folder name (letters, digits, _ . -)")
+    if generation.num_fewshot and not (generation.fewshot_dataset or data.dataset):
+        problems.append("num_fewshot is set but there is no dataset to draw examples from: set fewshot_dataset")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if generation.engine == "vllm" and processes > 1:
         problems.append(

@@ -19,6 +19,9 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 REPORTERS = ("none", "wandb")
 
 
+OVERLAP_METRICS = ("bleu", "rouge")  # text overlap scored on request (llmhalluc.eval.metrics.overlap_scores)
+
+
 PURPOSES = ("train", "eval")  # what a config is loaded for: train/sft.py, or train/eval.py
 
 
@@ -308,6 +311,25 @@ class GenerationEvalConfig:
     )
     generation_eval_samples: int = option(
         64, "Examples per eval dataset generated during training (a fixed, seeded subset).", minimum=1
+    )
+    num_fewshot: int = option(
+        0,
+        "Solved examples shown before each eval prompt, as prior user/assistant turns (after a system message); "
+        "drawn per evaluated row with a seeded generator, never the evaluated row itself.",
+        minimum=0,
+    )
+    fewshot_dataset: str | None = option(
+        None, "dataset_info.json entry the few-shot examples come from; null = the first training dataset."
+    )
+    overlap_metrics: list[str] = option(
+        help="Text-overlap metrics added for every eval dataset: bleu (sacrebleu, 0-100), rouge (rouge-score "
+        "rouge1/rouge2/rougeL F-measure, 0-1).",
+        default_factory=list,
+    )
+    eval_tag: str | None = option(
+        None,
+        "Name of this evaluation: train/eval.py writes output_dir/eval/<eval_tag>/; null = the UTC start time "
+        "(an earlier evaluation is never overwritten).",
     )
 
 

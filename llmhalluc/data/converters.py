@@ -220,10 +220,13 @@ def convert_prompt_query_response(row: dict[str, Any], spec: DatasetSpec, option
 
 def convert_gsm8k(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
     """GSM8K: the question (then an instruction, when the entry gives one) as the user turn, the worked answer as
-    the reply; the answer must end with a final answer after one of the entry's answer_markers (`#### N` or `The
-    answer is: N` by default)."""
+    the reply; the answer must hold a final answer after one of the entry's answer_markers (`#### N` or `The answer
+    is: N` by default, in any case), or end with the abstention answer (an unanswerable question)."""
     answer = _field(row, spec, "answer")
-    if answer.strip() and not any(marker in answer for marker in spec.answer_markers):
+    lowered = answer.lower()
+    marked = any(marker.lower() in lowered for marker in spec.answer_markers)
+    abstains = lowered.rstrip().endswith(options.abstention_answer.strip().lower())
+    if answer.strip() and not marked and not abstains:
         raise DropRow("answer_without_final_line")
     question = "\n".join(part for part in (_field(row, spec, "question"), _field(row, spec, "prompt")) if part)
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

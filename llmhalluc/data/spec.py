@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 # What precedes the final answer of a worked solution: GSM8K's own line, and "The answer is:" as the researchers'
 # converter writes it. The first of them found in a text decides (docs/evaluation.md).
-DEFAULT_ANSWER_MARKERS = ("####", "The answer is:")
+DEFAULT_ANSWER_MARKERS = ("####", "The answer is")
 
 
 @dataclass(frozen=True)

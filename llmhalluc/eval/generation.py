@@ -55,6 +55,19 @@ def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], facts: TokenFacts
     return Generation(text, raw, sum(t == backtrack_id for t in ids), unapplied)
 
 
+def meant_text(tokenizer: PreTrainedTokenizerBase, text: str, facts: TokenFacts) -> str:
+    """A text written with backtrack tokens (a reference answer in the data) as it reads once they are applied."""
+    if facts.backtrack_id is None:
+        return text
+    for alias, token in facts.aliases.items():
+        text = text.replace(alias, token)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if facts.backtrack_id not in ids:
+        return text
+    meant = apply_backtracks(ids, facts.backtrack_id)
+    return tokenizer.decode(meant, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def generate_hf(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,

@@ -1,8 +1,17 @@
-"""Scoring generations: GSM8K final answers, SQuAD v2 exact match and F1 with the hallucination view (abstention,
-hallucination and over-abstention rates), and normalised exact match for any other dataset. Every score and rate
-is a fraction in [0, 1] (the official SQuAD script prints the same numbers x 100). GSM8K-style data may hold
-unanswerable questions too (a reference without a `#### N` line): accuracy then counts the answerable ones, and the
-abstention rates are reported as for SQuAD v2."""
+r"""Scoring generations: GSM8K-style final answers, SQuAD v2 exact match and F1 with the hallucination view
+(abstention, hallucination and over-abstention rates), normalised exact match for any other dataset, and text
+overlap (BLEU, ROUGE) on request. Scores and rates are fractions in [0, 1] (the official SQuAD script prints the same
+numbers x 100); BLEU is sacrebleu's, on its 0-100 scale, ROUGE rouge-score's F-measure in [0, 1].
+
+Final answers: the number right after the first final-answer marker found in the text (`####` or `The answer is`
+by default, per dataset `answer_markers`; markers match in any case, whichever occurs first in the text counts, and
+the colon and spaces after a marker are skipped: the researchers' `[Tt]he answer is[:\s]+N`),
+normalised: no `$`, no thousands separators, no trailing period, `1200.00` -> `1200` (so `$1,200.00`, `1200.` and
+`1,200 dollars` all read 1200). Flexible accuracy reads the last number in the text instead.
+
+Unanswerable questions are never inferred from a missing marker: a reference without a final answer must be the
+abstention answer (or end with it, after reasoning); otherwise it cannot be scored and is an error naming the row.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmhalluc.data.spec import DEFAULT_ANSWER_MARKERS
+
 METRICS = ("gsm8k", "squad_v2", "exact_match")
-_FINAL = re.compile(r"####\s*([-+]?\$?\s*[\d,]*\.?\d+)")
+_AFTER_MARKER = re.compile(r"[\s:]*(-?\$?\s*\d[\d,]*(?:\.\d+)?)")
 _NUMBER = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
@@ -27,14 +38,19 @@ def normalize_number(text: str) -> str:
     return text.lstrip("+")
 
 
-def gsm8k_strict(output: str) -> str | None:
-    """The number after the last `####` in the output."""
-    found = _FINAL.findall(output)
-    return normalize_number(found[-1]) if found else None
+def final_answer(text: str, markers: Sequence[str] = DEFAULT_ANSWER_MARKERS) -> str | None:
+    """The normalised number after the first final-answer marker in the text, or None."""
+    lowered = text.lower()
+    found = [(lowered.find(marker.lower()), marker) for marker in markers]
+    for position, marker in sorted((p, m) for p, m in found if p >= 0):
+        number = _AFTER_MARKER.match(text, position + len(marker))
+        if number:
+            return normalize_number(number.group(1))
+    return None
 
 
-def gsm8k_flexible(output: str) -> str | None:
-    """The last number in the output."""
+def last_number(output: str) -> str | None:
+    """The last number in the output (flexible extraction)."""
     found = _NUMBER.findall(output)
     return normalize_number(found[-1]) if found else None
 
@@ -61,23 +77,20 @@ def squad_f1(prediction: str, gold: str) -> float:
 
 
 def abstains(prediction: str, abstention_answer: str) -> bool:
-    """Whether a prediction abstains: empty, or the abstention answer, once normalised."""
+    """Whether a short answer abstains: empty, or the abstention answer, once normalised."""
     normalized = normalize_answer(prediction)
     return normalized == "" or normalized == normalize_answer(abstention_answer)
 
 
-def abstains_from_solving(prediction: str, abstention_answer: str) -> bool:
-    """Whether a worked answer abstains: no final `####` number, and empty or ending in the abstention answer
-    (GSM8K-style data answer an unanswerable question with their reasoning, then e.g. "I don't know.")."""
+def abstains_from_solving(
+    prediction: str, abstention_answer: str, markers: Sequence[str] = DEFAULT_ANSWER_MARKERS
+) -> bool:
+    """Whether a worked answer abstains: no final answer, and empty or ending in the abstention answer (worked
+    answers to an unanswerable question give their reasoning, then e.g. "I don't know.")."""
     normalized = normalize_answer(prediction)
-    return gsm8k_strict(prediction) is None and (
+    return final_answer(prediction, markers) is None and (
         normalized == "" or normalized.endswith(normalize_answer(abstention_answer))
     )
-
-
-def gsm8k_answerable(reference: str) -> bool:
-    """A GSM8K-style reference is answerable when it has a final `#### N` line."""
-    return gsm8k_strict(reference) is not None
 
 
 @dataclass
@@ -90,17 +103,25 @@ class Scored:
     f1: float = 0.0
     strict: bool = False
     flexible: bool = False
+    exact_empty_only: float = 0.0  # SQuAD v2 exact match when only an empty output counts as abstaining (lm-eval's)
 
 
-def score(metric: str, prediction: str, references: Sequence[str], answerable: bool | None, abstention: str) -> Scored:
+def score(
+    metric: str,
+    prediction: str,
+    references: Sequence[str],
+    answerable: bool | None,
+    abstention: str,
+    markers: Sequence[str] = DEFAULT_ANSWER_MARKERS,
+) -> Scored:
     """Score one prediction against its references with the dataset's metric."""
     if metric == "gsm8k":
-        abstained = abstains_from_solving(prediction, abstention)
+        abstained = abstains_from_solving(prediction, abstention, markers)
         if answerable is False:  # the right answer is to abstain
             return Scored(correct=abstained, abstained=abstained)
-        gold = gsm8k_strict(references[0]) or normalize_number(references[0])
-        strict = gsm8k_strict(prediction) == gold
-        flexible = gsm8k_flexible(prediction) == gold
+        gold = final_answer(references[0], markers)
+        strict = final_answer(prediction, markers) == gold
+        flexible = last_number(prediction) == gold
         return Scored(correct=strict, abstained=abstained, strict=strict, flexible=flexible)
     if metric == "squad_v2":
         abstained = abstains(prediction, abstention)
@@ -108,7 +129,8 @@ def score(metric: str, prediction: str, references: Sequence[str], answerable: b
         golds = [g for g in references if normalize_answer(g)] or [""]
         exact = max(float(normalize_answer(answer) == normalize_answer(g)) for g in golds)
         f1 = max(squad_f1(answer, g) for g in golds)
-        return Scored(correct=exact == 1.0, abstained=abstained, exact=exact, f1=f1)
+        empty_only = max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
+        return Scored(correct=exact == 1.0, abstained=abstained, exact=exact, f1=f1, exact_empty_only=empty_only)
     exact = max(float(normalize_answer(prediction) == normalize_answer(r)) for r in references)
     return Scored(correct=exact == 1.0, exact=exact)
 
@@ -145,8 +167,28 @@ def aggregate(metric: str, scored: list[Scored], answerable: list[bool | None]) 
         "has_ans_exact": mean([s.exact for s in has]),
         "has_ans_f1": mean([s.f1 for s in has]),
         "no_ans_exact": mean([s.exact for s in no]),
+        # lm-eval's squadv2 counts only an empty output as abstaining: an abstention answer scores 0 there.
+        "exact_empty_only": mean([s.exact_empty_only for s in scored]),
         **rates,
         "count": count,
         "answerable": len(has),
         "unanswerable": len(no),
     }
+
+
+def overlap_scores(names: Sequence[str], predictions: list[str], references: list[str]) -> dict[str, float]:
+    """BLEU (sacrebleu's corpus BLEU, 0-100) and ROUGE-1/2/L (rouge-score's mean F-measure, no stemming) of the
+    predictions against one reference each."""
+    scores: dict[str, float] = {}
+    if "bleu" in names:
+        import sacrebleu
+
+        scores["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    if "rouge" in names:
+        from rouge_score import rouge_scorer
+
+        kinds = ("rouge1", "rouge2", "rougeL")
+        scorer = rouge_scorer.RougeScorer(list(kinds))
+        per = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+        scores |= {kind: sum(s[kind].fmeasure for s in per) / len(per) for kind in kinds}
+    return scores

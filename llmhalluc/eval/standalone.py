@@ -4,6 +4,8 @@ config's eval datasets, in one process or data-parallel under accelerate launch 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config, DataConfig
 from llmhalluc.data.facts import TokenFacts, token_facts
+from llmhalluc.errors import ConfigError
 from llmhalluc.eval.generation import check_engine
-from llmhalluc.eval.runner import evaluate_generations, load_eval_sets, metric_rows, results_table
+from llmhalluc.eval.runner import RESULTS_FILE, evaluate_generations, load_eval_sets, metric_rows, results_table
 from llmhalluc.models.export import is_adapter, load_pretrained
 from llmhalluc.models.loading import load_model, load_tokenizer, resolve_attention
 from llmhalluc.runtime.dist import build_accelerator, quiet_other_ranks
@@ -31,18 +34,31 @@ def evaluated_model(config: Config) -> Path | str:
     return config.model.model_name_or_path
 
 
-def results_dir(config: Config) -> Path:
-    """Where an evaluation writes: output_dir/eval, or outputs/eval/<model folder name> for a config without an
-    output_dir (an evaluation-only config)."""
+def results_dir(config: Config, started: datetime.datetime) -> Path:
+    """Where an evaluation writes: output_dir/eval/<eval_tag> (outputs/eval/<model folder name>/<eval_tag> for a
+    config without an output_dir); without eval_tag, the UTC start time, suffixed when that folder exists."""
     if config.run.output_dir:
-        return Path(config.run.output_dir) / "eval"
-    return Path("outputs") / "eval" / Path(config.model.model_name_or_path.rstrip("/")).name
+        root = Path(config.run.output_dir) / "eval"
+    else:
+        root = Path("outputs") / "eval" / Path(config.model.model_name_or_path.rstrip("/")).name
+    tag = config.generation.eval_tag
+    if tag is not None:
+        if (root / tag / RESULTS_FILE).exists():
+            raise ConfigError(
+                f"eval_tag: {root / tag} already holds an evaluation; choose another eval_tag or leave it unset"
+            )
+        return root / tag
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    candidates = (root / (stamp if n == 0 else f"{stamp}-{n}") for n in itertools.count())
+    return next(c for c in candidates if not c.exists())
 
 
 def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
-    """Generate for every eval dataset, score, write output_dir/eval/<dataset>/predictions.jsonl and
-    output_dir/eval/results.json, print the table, report to wandb; returns the results."""
+    """Generate for every eval dataset, score, write output_dir/eval/<tag>/<dataset>/predictions.jsonl and
+    output_dir/eval/<tag>/results.json, print the table, report to wandb; returns the results."""
     check_engine(config.generation.engine)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    out_dir = results_dir(config, started)
     eval_sets = load_eval_sets(config)  # bad data fails here, before any model loads
     accelerator = build_accelerator(config)
     quiet_other_ranks(accelerator)
@@ -62,8 +78,16 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
             model = accelerator.prepare(model)  # ZeRO-3 keeps the weights sharded; its gathers run in generate
         else:
             model = model.to(accelerator.device)  # generation needs no gradient sync: no DDP wrapper
-    out_dir = results_dir(config)
-    results = evaluate_generations(model, tokenizer, facts, config, accelerator, eval_sets, out_dir, str(source))
+    about = {
+        "model": str(source),
+        "eval_tag": out_dir.name,
+        "started": started.isoformat(timespec="seconds"),
+        "generation": dataclasses.asdict(config.generation),
+        "config": config.to_flat_dict(),
+    }
+    results = evaluate_generations(
+        model, tokenizer, facts, config, accelerator, eval_sets, out_dir, str(source), about=about
+    )
     if accelerator.is_main_process:
         print(results_table(results), flush=True)
         print(f"predictions and results in {out_dir}", flush=True)
@@ -95,7 +119,7 @@ def report_to_wandb(config: Config, results: dict[str, dict[str, Any]], out_dir:
 
     from llmhalluc.runtime.tracking import start_wandb
 
-    run = start_wandb(config, out_dir.parent, {"evaluation": True})
+    run = start_wandb(config, out_dir.parent.parent, {"evaluation": True, "eval_tag": out_dir.name})
     run.log(metric_rows(results))
     for name in results:
         lines = (out_dir / name / "predictions.jsonl").read_text().splitlines()[:SAMPLE_ROWS]
