@@ -163,6 +163,35 @@ def main() -> None:
     write_jsonl(data / "demo_backtrack.jsonl", [backtrack_chat(backtrack_rng) for _ in range(480)])
     write_jsonl(data / "demo_backtrack_eval.jsonl", [backtrack_chat(backtrack_rng) for _ in range(48)])
     print("wrote 480 train and 48 eval backtrack chats")
+    write_dpo_pairs(data)
+
+
+def write_dpo_pairs(data: Path) -> None:
+    """Preference pairs from the demo chats (their own generator): the prompt, chosen = the right answer, rejected =
+    the same working with a wrong result, or for an unanswerable question a made-up number instead of abstaining."""
+    rng = random.Random(2468)
+    for source, target in (("demo_train.jsonl", "demo_dpo.jsonl"), ("demo_eval.jsonl", "demo_dpo_eval.jsonl")):
+        rows = [json.loads(line) for line in (data / source).read_text(encoding="utf-8").splitlines()]
+        write_jsonl(data / target, [preference_pair(row["messages"], rng) for row in rows])
+    print("wrote demo preference pairs")
+
+
+def preference_pair(messages: list[dict[str, str]], rng: random.Random) -> dict:
+    """{"messages": the chat up to its last answer, "chosen": that answer, "rejected": a wrong one}."""
+    answer = messages[-1]["content"]
+    if "\n#### " in answer:
+        worked, right = answer.rsplit("\n#### ", 1)
+        wrong = str(int(right) + rng.choice([-3, -2, -1, 1, 2, 3, 10])).lstrip("-") or "1"
+        head, _, tail = worked.rpartition(right)
+        rejected = f"{head}{wrong}{tail}\n#### {wrong}" if head else f"{worked}\n#### {wrong}"
+    else:  # unanswerable: the rejected answer invents a number
+        made_up = rng.randint(2, 60)
+        rejected = f"{answer.rsplit('. ', 1)[0]}, so the answer is {made_up}.\n#### {made_up}"
+    return {
+        "messages": messages[:-1],
+        "chosen": {"role": "assistant", "content": answer},
+        "rejected": {"role": "assistant", "content": rejected},
+    }
 
 
 BACKTRACK = "<|BACKTRACK|>"

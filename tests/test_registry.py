@@ -153,8 +153,9 @@ def test_llama_factory_sharegpt_entries_read_as_is(lf_dir):
 
 def test_entries_we_cannot_use_load_with_the_file_and_fail_only_when_used(lf_dir):
     assert resolve_dataset("identity", lf_dir).location.endswith("identity.json")
-    with pytest.raises(DataError, match=r"ranking .* not supervised fine-tuning data"):
-        resolve_dataset("dpo_en_demo", lf_dir)
+    (lf_dir / "dpo_en_demo.json").write_text("[]")
+    ranking = resolve_dataset("dpo_en_demo", lf_dir)  # a preference dataset: stage dpo reads it, sft refuses it
+    assert ranking.ranking and ranking.columns["chosen"] == "chosen" and ranking.columns["rejected"] == "rejected"
     with pytest.raises(DataError, match="script_url is not supported"):
         resolve_dataset("belle_multiturn", lf_dir)
     with pytest.raises(DataError, match="column 'images' is not supported"):

@@ -28,7 +28,6 @@ FOREIGN_KEYS = {
     "local_rank": "ranks come from accelerate launch",
     "cutoff_len": "use max_length",
     "fp16": "fp16 is not supported; use bf16",
-    "stage": "llmhalluc only does supervised fine-tuning",
     "do_train": "train/sft.py always trains",
     "val_size": "name a held-out set with eval_dataset",
     "overwrite_cache": "the cache is keyed by every setting that changes the data",
@@ -176,6 +175,18 @@ def _cross_checks(config: Config) -> list[str]:
             "engine: vllm with generation_eval_steps: evaluation during training generates with the model being "
             "trained (engine: hf); vLLM is for train/eval.py on a saved model"
         )
+    if training.stage == "dpo" and data.packing:
+        problems.append(
+            "packing with stage: dpo: pairs are batched padding-free (no padding computed) or padded; drop packing"
+        )
+    if training.pref_loss == "robust" and not training.dpo_label_smoothing < 0.5:
+        problems.append(
+            f"dpo_label_smoothing must be below 0.5 for pref_loss robust, got {training.dpo_label_smoothing}"
+        )
+    if training.dpo_label_smoothing and training.pref_loss not in ("sigmoid", "robust"):
+        problems.append(f"dpo_label_smoothing applies to pref_loss sigmoid or robust, not {training.pref_loss}")
+    if training.ref_model and training.pref_loss in ("simpo", "orpo"):
+        problems.append(f"ref_model is set but pref_loss {training.pref_loss} uses no reference model")
     for name in generation.overlap_metrics:
         if name not in OVERLAP_METRICS:
             problems.append(f"overlap_metrics: unknown metric {name!r}; choose from {', '.join(OVERLAP_METRICS)}")

@@ -225,9 +225,42 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    """Batch, steps, optimizer and schedule."""
+    """The stage and its objective, batch, steps, optimizer and schedule."""
 
-    per_device_train_batch_size: int = option(1, "Sequences (or packed rows) per micro-batch per process.", minimum=1)
+    stage: Literal["sft", "dpo"] = option(
+        "sft",
+        "Training stage: sft (supervised fine-tuning) or dpo (preference optimisation on ranking datasets; "
+        "pref_loss picks DPO or a variant).",
+        identity=True,
+    )
+    pref_beta: float = option(
+        0.1, "stage dpo: beta, the preference loss's temperature.", minimum=0.0, exclusive=True, identity=True
+    )
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = option(
+        "sigmoid",
+        "stage dpo: sigmoid (DPO), ipo, hinge, robust (with dpo_label_smoothing), simpo (no reference), orpo (no "
+        "reference).",
+        identity=True,
+    )
+    dpo_label_smoothing: float = option(
+        0.0,
+        "stage dpo: share of flipped preference labels (cDPO for sigmoid; robust needs it below 0.5).",
+        minimum=0.0,
+        identity=True,
+    )
+    simpo_gamma: float = option(0.5, "stage dpo, pref_loss simpo: the target reward margin.", minimum=0, identity=True)
+    pref_ftx: float = option(
+        0.0, "stage dpo: weight of an SFT loss (the chosen answer's mean token NLL) per pair.", minimum=0, identity=True
+    )
+    ref_model: str | None = option(
+        None,
+        "stage dpo: the reference model; null = the model training starts from (under LoRA: the base with adapters "
+        "disabled). Its log-probabilities are computed once before training and cached in output_dir.",
+        identity=True,
+    )
+    per_device_train_batch_size: int = option(
+        1, "Sequences (or packed rows; pairs for stage dpo) per micro-batch per process.", minimum=1
+    )
     per_device_eval_batch_size: int = option(1, "Sequences per evaluation batch per process.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step per process.", minimum=1)
     learning_rate: float = option(1e-5, "Peak learning rate.", minimum=0.0, exclusive=True)

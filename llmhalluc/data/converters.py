@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +48,33 @@ class Converter:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def to_chat(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions) -> Messages:
-    """Convert one row with the spec's converter and check the chat is well formed."""
+def to_chat(row: dict[str, Any], spec: DatasetSpec, options: ConvertOptions, side: str = "chosen") -> Messages:
+    """Convert one row with the spec's converter and check the chat is well formed; a ranking row becomes its
+    prompt followed by the `side` ("chosen" or "rejected") answer."""
+    if spec.ranking:
+        row, spec = with_answer(row, spec, side)
     messages = CONVERTERS[spec.converter].convert(row, spec, options)
     check_chat(messages)
     return apply_aliases(messages, options.aliases) if options.aliases else messages
+
+
+def with_answer(row: dict[str, Any], spec: DatasetSpec, side: str) -> tuple[dict[str, Any], DatasetSpec]:
+    """A ranking row as an ordinary row of its formatting whose answer is the chosen or the rejected one: alpaca's
+    response column, or one more assistant message after a sharegpt/openai conversation (LLaMA-Factory's layout)."""
+    answer = row.get(spec.columns[side])
+    if spec.formatting == "alpaca":
+        if not isinstance(answer, str):
+            raise DropRow(f"{side}_not_text")
+        return row, dataclasses.replace(spec, columns={**spec.columns, "response": spec.columns[side]})
+    tags = spec.tags
+    if isinstance(answer, str):
+        answer = {tags["role_tag"]: tags["assistant_tag"], tags["content_tag"]: answer}
+    if not isinstance(answer, dict) or answer.get(tags["role_tag"]) != tags["assistant_tag"]:
+        raise DropRow(f"{side}_not_an_assistant_message")
+    turns = row.get(spec.columns["messages"])
+    if not isinstance(turns, list):
+        raise DropRow("messages_not_a_list")
+    return {**row, spec.columns["messages"]: [*turns, answer]}, spec
 
 
 def apply_aliases(messages: Messages, aliases: tuple[tuple[str, str], ...]) -> Messages:

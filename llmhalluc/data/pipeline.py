@@ -51,6 +51,7 @@ class DatasetStats:
     masked_on_errors: int = 0  # of those, tokens on characters the data records as errors (training_detail)
     backtrack: dict[str, int] = field(default_factory=dict)
     sources: dict[str, DatasetStats] = field(default_factory=dict)
+    dropped_rows: dict[int, str] = field(default_factory=dict, repr=False)  # row -> reason (pairs join on it)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -188,9 +189,25 @@ def _describe(dataset: datasets.Dataset, stats: DatasetStats) -> None:
 
 
 def _prepare_one(
-    name: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, seed: int
+    name: str,
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    options: TokenizeOptions,
+    seed: int,
+    side: str | None = None,
 ) -> tuple[datasets.Dataset, DatasetStats]:
+    """One dataset tokenized (for a ranking dataset, the `side` answer of each pair), rows that cannot be used
+    dropped and counted; every example keeps the index of its `row`."""
     spec, raw = load_rows(name, data.dataset_dir, seed, data.max_samples)
+    if spec.ranking and side is None:
+        raise DataError(
+            f'dataset {name!r} is a ranking (preference) dataset: train it with stage: dpo, or drop "ranking"'
+        )
+    if side is not None and not spec.ranking:
+        raise DataError(
+            f'dataset {name!r} is not a ranking dataset: stage: dpo trains on pairs (an entry with "ranking": '
+            "true and chosen/rejected columns)"
+        )
     convert = ConvertOptions.of(data)
     try:
         processed = raw.map(
@@ -198,16 +215,17 @@ def _prepare_one(
             batched=True,
             with_indices=True,
             remove_columns=raw.column_names,
-            fn_kwargs={"spec": spec, "convert": convert, "tokenizer": tokenizer, "options": options},
+            fn_kwargs={"spec": spec, "convert": convert, "tokenizer": tokenizer, "options": options, "side": side},
             num_proc=data.preprocessing_num_workers if len(raw) > 1000 else None,
-            new_fingerprint=fingerprint(raw, spec, convert, tokenizer, options),
-            desc=f"Tokenizing {name}",
+            new_fingerprint=fingerprint(raw, spec, convert, tokenizer, options, side),
+            desc=f"Tokenizing {name}" + (f" ({side})" if side else ""),
         )
     except (TemplateError, DataError) as err:
         raise DataError(f"dataset {name!r}: {err}") from None
     drop_reasons = processed.with_format("arrow")["drop_reason"].to_pylist()
     reasons = Counter(r for r in drop_reasons if r)
     stats = DatasetStats(rows=len(raw), dropped=reasons, truncated=int(column(processed, "truncated").sum()))
+    stats.dropped_rows = {index: reason for index, reason in enumerate(drop_reasons) if reason}
     if reasons.total() == len(raw):
         first = next(r for r in drop_reasons if r)
         hint = f" ({DROP_HINTS[first]})" if first in DROP_HINTS else ""
@@ -227,6 +245,7 @@ def column(dataset: datasets.Dataset, name: str) -> np.ndarray:
 def output_schema(options: TokenizeOptions) -> pa.Schema:
     """The columns _process_batch writes for these options."""
     fields = {
+        "row": pa.int64(),
         "input_ids": pa.list_(pa.int32()),
         "labels": pa.list_(pa.int32()),
         "length": pa.int32(),
@@ -271,15 +290,17 @@ def _process_batch(
     convert: ConvertOptions,
     tokenizer: PreTrainedTokenizerBase,
     options: TokenizeOptions,
+    side: str | None = None,
 ) -> pa.Table:
-    """Convert and tokenize a batch of raw rows; rows that cannot be used get a drop_reason instead."""
+    """Convert and tokenize a batch of raw rows (of a ranking dataset, their `side` answers); rows that cannot be
+    used get a drop_reason instead."""
     schema = output_schema(options)
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     out: dict[str, list] = {name: [] for name in schema.names}
     chats: list[Any] = []
     for row in rows:
         try:
-            chats.append(to_chat(row, spec, convert))
+            chats.append(to_chat(row, spec, convert, side or "chosen"))
             out["drop_reason"].append(None)
         except DropRow as drop:
             chats.append(None)
@@ -304,6 +325,7 @@ def _process_batch(
         trained = len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0
         if messages is not None and trained == 0:
             out["drop_reason"][i] = "no_trained_tokens_after_truncation" if labeled.truncated else "no_trained_tokens"
+        out["row"].append(indices[i])
         out["input_ids"].append(labeled.input_ids)
         out["labels"].append(labels)
         out["length"].append(len(labeled.input_ids))
@@ -352,10 +374,12 @@ def fingerprint(
     convert: ConvertOptions,
     tokenizer: PreTrainedTokenizerBase,
     options: TokenizeOptions,
+    side: str | None = None,
 ) -> str:
     """Cache key of a prepared dataset: the raw data, the code and every setting that changes the output."""
     digest = hashlib.sha256()
-    for part in (raw._fingerprint, repr(spec), repr(convert), repr(options), tokenizer_fingerprint(tokenizer)):
+    parts = (raw._fingerprint, repr(spec), repr(convert), repr(options), tokenizer_fingerprint(tokenizer), repr(side))
+    for part in parts:
         digest.update(part.encode())
     for module in (chat, template, spans, labels, converters, backtrack):
         digest.update(inspect.getsource(module).encode())

@@ -101,9 +101,10 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
     converter = entry.get("converter", formatting)
     if converter not in CONVERTERS:
         raise DataError(f"{where}: unknown converter {converter!r}; known: {', '.join(sorted(CONVERTERS))}")
-    if entry.get("ranking"):
-        raise DataError(f"{where}: ranking (preference) datasets are not supervised fine-tuning data")
-    columns = _columns(where, entry, formatting, CONVERTERS[converter], converter != formatting)
+    ranking = bool(entry.get("ranking"))
+    if ranking and converter != formatting:
+        raise DataError(f"{where}: a ranking dataset is read by its formatting ({formatting}), not by a converter")
+    columns = _columns(where, entry, formatting, CONVERTERS[converter], converter != formatting, ranking)
     texts = read_instructions(dataset_dir)
     instructions = {key: texts[column] for key, column in columns.items() if column in texts}
     markers = entry.get("answer_markers", list(DEFAULT_ANSWER_MARKERS))
@@ -133,6 +134,7 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
         metric=metric,
         instructions=instructions,
         answer_markers=tuple(markers),
+        ranking=ranking,
     )
 
 
@@ -172,11 +174,25 @@ def _source(where: str, entry: dict, dataset_dir: Path) -> tuple[str, str]:
     return "file", str(path)
 
 
-def _columns(where: str, entry: dict, formatting: str, converter: Converter, own: bool) -> dict:
+def _columns(where: str, entry: dict, formatting: str, converter: Converter, own: bool, ranking: bool = False) -> dict:
     """The entry's column mapping: LLaMA-Factory's for its formattings; for our converters their own keys (an entry
-    may name them by LLaMA-Factory's names, e.g. query/response for a GSM8K converter's question/answer)."""
+    may name them by LLaMA-Factory's names, e.g. query/response for a GSM8K converter's question/answer). A ranking
+    entry maps chosen and rejected (the two answers) in place of response."""
     given = entry.get("columns")
     required = [c for c in converter.columns if c not in converter.optional]
+    if ranking:
+        columns = dict(DEFAULT_COLUMNS[formatting])
+        columns.pop("response", None)
+        columns |= {"chosen": "chosen", "rejected": "rejected"}
+        if given is not None:
+            if not isinstance(given, dict):
+                raise DataError(f"{where}: columns must be an object, got {given!r}")
+            _reject_unknown(where, "column key", given, LF_COLUMN_KEYS)
+            columns = dict(given)
+        for side in ("chosen", "rejected"):
+            if not columns.get(side):
+                raise DataError(f"{where}: a ranking dataset needs a {side!r} column (columns.{side})")
+        return columns
     if given is None:
         return dict(DEFAULT_COLUMNS[formatting]) if not own else {c: c for c in required}
     if not isinstance(given, dict):
@@ -187,7 +203,8 @@ def _columns(where: str, entry: dict, formatting: str, converter: Converter, own
         given = {converter.aliases.get(key, key): value for key, value in given.items()}
     for unsupported in ("images", "videos", "audios", "chosen", "rejected", "kto_tag"):
         if given.get(unsupported):
-            raise DataError(f"{where}: column {unsupported!r} is not supported (text supervised fine-tuning only)")
+            hint = ' (set "ranking": true for a preference dataset)' if unsupported in ("chosen", "rejected") else ""
+            raise DataError(f"{where}: column {unsupported!r} is not supported here{hint}")
     if own:  # our converters: required columns left out keep their own names, optional ones are absent
         return {c: given.get(c, None if c in converter.optional else c) for c in converter.columns}
     return dict(given)

@@ -28,3 +28,4 @@ class DatasetSpec:
     metric: str | None = None  # (ours) how train/eval.py scores generations; None: chosen by the converter
     instructions: dict[str, str] = field(default_factory=dict)  # column key -> a fixed text for every row
     answer_markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS  # (ours) what precedes a final answer (GSM8K-style)
+    ranking: bool = False  # a preference dataset: each row a prompt with a chosen and a rejected answer

@@ -186,3 +186,8 @@ def accumulation_windows(
         for _ in range(sampler.steps_per_epoch - done):
             yield epoch, [next(micro_batches) for _ in range(accumulation)]
         epoch, done = epoch + 1, 0
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to the device (non-blocking from pinned memory); plain values stay."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -32,19 +32,25 @@ from llmhalluc.plot import write_loss_plot
 from llmhalluc.runtime.dist import zero3_init_disabled
 from llmhalluc.runtime.tracking import MetricsLogger
 from llmhalluc.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from llmhalluc.train.feed import to_device
 from llmhalluc.train.meter import StepResult, WindowMeter
 from llmhalluc.train.objective import Objective
 from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
+from llmhalluc.train.preference import DPO_STAGE
 from llmhalluc.train.report import RunRecord
 from llmhalluc.train.setup import Run, setup
 from llmhalluc.train.stage import SFT_STAGE, Stage
 
+STAGES = {"sft": SFT_STAGE, "dpo": DPO_STAGE}  # the config's `stage` -> what it trains
 
-def train(config: Config, stage: Stage = SFT_STAGE) -> Path:
-    """Run the experiment described by `config` with the stage's objective; returns the output_dir holding the
-    final model."""
+
+def train(config: Config, stage: Stage | None = None) -> Path:
+    """Run the experiment described by `config` with its stage's objective (or `stage`); returns the output_dir
+    holding the final model."""
+    stage = stage or STAGES[config.training.stage]
     run = setup(config, stage)
     state = load_checkpoint(run) if run.resume_from is not None else TrainerState.start(run)
+    stage.start(run)
     record = RunRecord(run)  # config.yaml, run_summary.json (status running), the start-up summary
     logger = MetricsLogger(config, run.output_dir, record.is_main, run.total_steps, state.step, record.summary)
     logger.log_html_table("mask_audit/examples", ["dataset", "example"], run.data.audit_panel)
@@ -257,8 +263,3 @@ def generation_rows(run: Run) -> dict[str, Any]:
         run.model, run.tokenizer, run.facts, run.config, run.accelerator, run.generation_sets, progress=False
     )
     return metric_rows(results)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move every tensor of a batch to the device (non-blocking from pinned memory); plain values stay."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -81,6 +81,20 @@ def cross_entropy_sum(
     model: Any, batch: dict[str, Any], chunk_tokens: int | None = None, liger: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the batch's trained positions, the same per source dataset)."""
+    counts = batch["source_counts"]  # host ints: targets are ordered by source
+    if liger:
+        lm, selected = trained_hidden_states(model, batch)
+        head = lm.get_output_embeddings()
+        parts = zip(selected.split(counts), batch["targets"].split(counts))
+        by_source = torch.stack([liger_cross_entropy_sum(h, head, t) if len(t) else h.sum() * 0 for h, t in parts])
+        return by_source.sum(), by_source.detach()
+    per_token = per_token_cross_entropy(model, batch, chunk_tokens)
+    by_source = torch.stack([part.sum() for part in per_token.detach().split(counts)])
+    return per_token.sum(), by_source
+
+
+def trained_hidden_states(model: Any, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+    """(the CausalLM, the final hidden states at the positions that predict a trained token, in target order)."""
     lm = causal_lm_of(model)
     inputs = model_inputs(batch, lm.config)
     output = model(
@@ -90,20 +104,16 @@ def cross_entropy_sum(
         use_cache=False,
     )
     hidden = output.hidden_states[-1]
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["predict_index"])
+    return lm, hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["predict_index"])
+
+
+def per_token_cross_entropy(model: Any, batch: dict[str, Any], chunk_tokens: int | None = None) -> torch.Tensor:
+    """The cross-entropy of every trained token of the batch (in target order), the LM head run in chunks."""
+    lm, selected = trained_hidden_states(model, batch)
     head = lm.get_output_embeddings()
-    counts = batch["source_counts"]  # host ints: targets are ordered by source
-    if liger:
-        parts = zip(selected.split(counts), batch["targets"].split(counts))
-        by_source = torch.stack([liger_cross_entropy_sum(h, head, t) if len(t) else h.sum() * 0 for h, t in parts])
-        return by_source.sum(), by_source.detach()
-    postprocess = logit_postprocess(lm.config)
     vocab_size = full_shape(head.weight)[0]
-    per_token = chunked_cross_entropy(
-        selected, batch["targets"], head, postprocess, chunk_positions(vocab_size, chunk_tokens)
-    )
-    by_source = torch.stack([part.sum() for part in per_token.detach().split(counts)])
-    return per_token.sum(), by_source
+    chunk = chunk_positions(vocab_size, chunk_tokens)
+    return chunked_cross_entropy(selected, batch["targets"], head, logit_postprocess(lm.config), chunk)
 
 
 def logit_postprocess(config: Any) -> Any:

@@ -49,7 +49,7 @@ def sft_count(batch: Batch) -> int:
 
 def sft_loss(model: Any, batch: Batch, options: dict[str, Any]) -> tuple[torch.Tensor, Sums]:
     """Summed next-token cross-entropy over the trained tokens, and the same per source dataset."""
-    ce_sum, by_source = cross_entropy_sum(model, batch, **options)
+    ce_sum, by_source = cross_entropy_sum(model, batch, options["chunk_tokens"], options["liger"])
     return ce_sum, {"ce": ce_sum.detach(), "ce_by_source": by_source}
 
 

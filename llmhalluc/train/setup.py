@@ -63,8 +63,13 @@ class Run:
 
     @property
     def loss_options(self) -> dict[str, Any]:
-        """How the LM head and cross-entropy run (chunk size, Liger)."""
-        return {"chunk_tokens": self.config.training.loss_chunk_tokens, "liger": self.config.model.use_liger_kernel}
+        """How the LM head and cross-entropy run (chunk size, Liger), and the objective's settings."""
+        training = self.config.training
+        return {
+            "chunk_tokens": training.loss_chunk_tokens,
+            "liger": self.config.model.use_liger_kernel,
+            "training": training,
+        }
 
     def summary(self) -> dict[str, Any]:
         """What kind of run this is: machines, processes, distribution, precision, batch layout, global batch, steps,

@@ -24,6 +24,7 @@ class Stage:
     prepare: Callable[..., Any]  # (config, tokenizer, accelerator, layout) -> TrainData
     prepare_eval: Callable[..., Any]  # (config, tokenizer, accelerator) -> EvalData | None
     windows: Callable[[Any, int], Iterator[Window]]  # (run, start step) -> windows, forever
+    start: Callable[[Any], None] = lambda run: None  # (run) once set up, before the first step (DPO: references)
 
 
 def sft_windows(run: Any, start_step: int) -> Iterator[Window]:
