@@ -326,3 +326,11 @@ def test_resume_reads_the_cached_reference_and_continues_exactly(models, tmp_pat
     shutil.rmtree(resumed / "checkpoint-4", ignore_errors=True)
     missing = run_sft([*args, f"output_dir={resumed}", "resume_from_checkpoint=latest"], expect_code=2)
     assert "the reference log-probs of this run are missing" in missing.stderr
+
+
+def test_dry_run_shows_pairs_with_their_trained_tokens(tiny_model_dir):
+    result = run_sft(["configs/demo_dpo.yaml", f"model_name_or_path={tiny_model_dir}", "--dry-run", "1"])
+    assert "train: 480 pairs from 480 rows; dropped: none" in result.stdout
+    assert "--- train pair 0 of demo_dpo, chosen (" in result.stdout
+    assert "--- train pair 0 of demo_dpo, rejected (" in result.stdout
+    assert "[[The pencils cost 2 * 3 = $6. The change is 10 - 6 = $3." in result.stdout  # the rejected answer, trained

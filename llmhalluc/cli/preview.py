@@ -4,13 +4,14 @@ trained, load no model weights, write nothing."""
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config, changed_keys
 from llmhalluc.data.batching import pack_rows, packing_efficiency
 from llmhalluc.data.labels import IGNORE_INDEX
+from llmhalluc.data.pairs import prepare_pairs
 from llmhalluc.data.pipeline import column, prepare_dataset
 from llmhalluc.models.loading import load_tokenizer
 from llmhalluc.models.tokens import add_tokens
@@ -86,6 +87,9 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
         [("eval", config.data.eval_dataset)] if config.data.eval_dataset else []
     )
     for split, names in splits:
+        if config.training.stage == "dpo":
+            show_pairs(config, tokenizer, split, names, examples, colour, out)
+            continue
         dataset, stats = prepare_dataset(names, config.data, tokenizer, config.training.seed)
         print(stats.summary(split), file=out)
         lengths = column(dataset, "length").tolist()
@@ -109,3 +113,21 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
             )
             print(marked, file=out)
     print("dry run: nothing was trained or written", file=out)
+
+
+def show_pairs(
+    config: Config, tokenizer: Any, split: str, names: list[str], examples: int, colour: bool, out: TextIO
+) -> None:
+    """A preference split's stats and dropped pairs, and its first pairs with each side's trained tokens marked."""
+    pairs, stats = prepare_pairs(names, config.data, tokenizer, config.training.seed)
+    print(stats.summary(split), file=out)
+    for index in range(min(examples, len(pairs))):
+        pair = pairs[index]
+        for side in ("chosen", "rejected"):
+            marked = mark_trained(tokenizer, pair[f"{side}_input_ids"], pair[f"{side}_labels"], colour, frozenset())
+            print(
+                f"--- {split} pair {index} of {names[pair['source']]}, {side} ({pair[f'{side}_length']} tokens, "
+                f"{pair[f'{side}_trained']} trained) ---",
+                file=out,
+            )
+            print(marked, file=out)
