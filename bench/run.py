@@ -31,10 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def python(*args: str, env: dict | None = None, timeout: int = 3600) -> dict:
-    """Run `python bench/run.py --worker ...` in a fresh process and return the JSON it prints last."""
+def python(*args: str, env: dict | None = None, timeout: int = 3600, script: str | Path = __file__) -> dict:
+    """Run `python bench/run.py --worker ...` (or another bench script) in a fresh process and return the JSON it
+    prints last."""
     result = subprocess.run(
-        [sys.executable, str(Path(__file__)), *args],
+        [sys.executable, str(Path(script)), *args],
         cwd=REPO,
         capture_output=True,
         text=True,

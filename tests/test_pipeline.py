@@ -10,6 +10,7 @@ from conftest import write_chats
 
 from llmhalluc.config import DataConfig
 from llmhalluc.data import IGNORE_INDEX, tokenize_chat
+from llmhalluc.data.pairs import prepare_pairs
 from llmhalluc.data.pipeline import prepare_dataset
 from llmhalluc.errors import DataError
 from llmhalluc.models.tiny import build_tokenizer
@@ -127,8 +128,12 @@ def test_worker_processes_give_the_same_data(tmp_path, tokenizer):
 
 def test_shipped_converters_prepare(tokenizer):
     shipped = Path(__file__).resolve().parent.parent / "data"
-    names = [n for n, e in json.loads((shipped / "dataset_info.json").read_text()).items() if "file_name" in e]
+    entries = json.loads((shipped / "dataset_info.json").read_text())
+    names = [n for n, e in entries.items() if "file_name" in e and not e.get("ranking")]
     config = DataConfig(dataset=names, dataset_dir=str(shipped), max_length=512)
     dataset, stats = prepare_dataset(names, config, tokenizer)
     assert not stats.dropped
     assert len(dataset) == stats.rows
+    ranking = [n for n, e in entries.items() if e.get("ranking")]  # the preference pairs, as stage dpo reads them
+    pairs, pair_stats = prepare_pairs(ranking, DataConfig(dataset=ranking, dataset_dir=str(shipped)), tokenizer)
+    assert not pair_stats.dropped and len(pairs) == pair_stats.rows == 528
