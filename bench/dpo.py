@@ -112,6 +112,8 @@ def worker_trl(model_dir: str, out: str, steps: int, precompute: str) -> dict:
         use_cpu=True,
         dataloader_num_workers=0,
         precompute_ref_log_probs=precompute == "precompute",
+        bf16=False,  # TRL's defaults are bf16 and gradient checkpointing; ours here are fp32 and none
+        gradient_checkpointing=False,
         disable_tqdm=True,
     )
     trainer = DPOTrainer(

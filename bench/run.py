@@ -125,6 +125,7 @@ def worker_train_trl(model_dir: str, data_dir: str, layout: str, out: str, max_l
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
         bf16=on_gpu,
+        gradient_checkpointing=False,  # TRL's default is on; llmhalluc's is off: compare the same computation
         max_steps=int(os.environ.get("LLMHALLUC_BENCH_MAX_STEPS", "-1")),
         disable_tqdm=True,
     )

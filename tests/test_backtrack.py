@@ -323,6 +323,7 @@ def test_the_backtrack_demo_trains_under_zero3_and_keeps_its_token(tmp_path, tin
             "eval_steps=8",
             "save_steps=",
             "per_device_train_batch_size=4",
+            "per_device_eval_batch_size=8",
             f"output_dir={out}",
         ],
         accelerate_config="cpu_zero3.yaml",

@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import DataConfig
@@ -20,7 +21,6 @@ from llmhalluc.data.pipeline import DatasetStats, _describe, _prepare_one, colum
 from llmhalluc.errors import DataError
 
 SIDES = ("chosen", "rejected")
-SIDE_COLUMNS = ("input_ids", "labels", "position_ids", "length", "trained")
 
 
 @dataclass
@@ -79,7 +79,6 @@ def prepare_pairs(
     `pair`, the pair's index in the result), mixed as data.mix_strategy says, and their stats."""
     options = tokenize_options(data, tokenizer)
     parts, stats = [], PairStats()
-    side_parts: dict[str, list[datasets.Dataset]] = {side: [] for side in SIDES}
     with main_process_first():
         for index, name in enumerate(names):
             prepared = {side: _prepare_one(name, data, tokenizer, options, seed, side) for side in SIDES}
@@ -94,9 +93,8 @@ def prepare_pairs(
     dataset = dataset.add_column("pair", np.arange(len(dataset)))
     stats.pairs = len(dataset)
     for side in SIDES:
-        side_parts[side] = [side_view(dataset, side)]
         side_stats = DatasetStats(rows=stats.rows)
-        _describe(side_parts[side][0], side_stats)
+        _describe(side_view(dataset, side), side_stats)
         stats.sides[side] = side_stats
     return dataset, stats
 
@@ -130,8 +128,7 @@ def join_pairs(prepared: dict[str, tuple[datasets.Dataset, DatasetStats]]) -> tu
             if name != "row":
                 columns[f"{side}_{name}"] = part.with_format("arrow")[name]
     columns["row"] = chosen.with_format("arrow")["row"]
-    table = datasets.Dataset.from_dict({k: v.to_pylist() for k, v in columns.items()}) if len(chosen) else None
-    pairs = table if table is not None else datasets.Dataset.from_dict({"row": []})
+    pairs = datasets.Dataset(pa.table(columns)) if len(chosen) else datasets.Dataset.from_dict({"row": []})
     if len(pairs):
         pairs = pairs.add_column("length", column(pairs, "chosen_length") + column(pairs, "rejected_length"))
     return pairs, dropped, chosen_stats.rows

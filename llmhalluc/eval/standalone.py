@@ -93,7 +93,8 @@ def evaluate_model(config: Config) -> dict[str, dict[str, Any]]:
         print(f"predictions and results in {out_dir}", flush=True)
         if "wandb" in config.run.report_to:
             report_to_wandb(config, results, out_dir)
-    accelerator.free_memory()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the engine goes before the process group
+        accelerator.free_memory()
     accelerator.end_training()
     return results
 

@@ -107,8 +107,10 @@ def train(config: Config, stage: Stage | None = None) -> Path:
             record.finish(status, state)
         # The DeepSpeed engine is torn down while the process group still exists, on every path out: left to the
         # garbage collector at interpreter exit, its cleanup can run after the group is gone (a ZeRO-3 rank once
-        # aborted there). DeepSpeed's own order: engine, then group.
-        run.accelerator.free_memory()
+        # aborted there). DeepSpeed's own order: engine, then group. Without DeepSpeed there is nothing to order,
+        # and free_memory's full garbage collection would only cost time.
+        if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            run.accelerator.free_memory()
         run.accelerator.end_training()
     return run.output_dir
 

@@ -332,7 +332,8 @@ def compute_reference(run: Any) -> dict[str, dict[str, torch.Tensor]]:
 def pair_logps(run: Any, model: Any, dataset: Any) -> dict[str, torch.Tensor]:
     """{"chosen": ..., "rejected": ...}: the log-prob of each side of every pair of `dataset` under `model`."""
     accelerator, config = run.accelerator, run.config
-    collate = PairCollator(run.tokenizer.pad_token_id, "padded", config.data.pad_to_multiple_of)
+    layout = "padding_free" if run.data.layout == "padding_free" else "padded"  # as training lays pairs out
+    collate = PairCollator(run.tokenizer.pad_token_id, layout, config.data.pad_to_multiple_of)
     batches = eval_batches(
         len(dataset), config.training.per_device_eval_batch_size, accelerator.num_processes, accelerator.process_index
     )
