@@ -111,6 +111,20 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         items, collate = examples, PaddingFreeCollator(tokenizer.pad_token_id, sources)
     else:
         items, collate = examples, PaddedCollator(tokenizer.pad_token_id, data.pad_to_multiple_of, sources)
+    workers = data.dataloader_num_workers
+    if workers is None:  # overlap collation with compute on GPU; on CPU the cores are busy computing
+        workers = 2 if torch.cuda.is_available() else 0
+    loader, sampler = seeded_loader(
+        items, collate, training, accelerator, workers, "packed rows" if layout == "packed" else "examples"
+    )
+    return TrainData(loader, sampler, layout, stats, audited, packing, workers, panel)
+
+
+def seeded_loader(
+    items: Any, collate: Any, training: Any, accelerator: Accelerator, workers: int, what: str
+) -> tuple[DataLoader, GlobalBatchSampler]:
+    """A DataLoader of this rank's micro-batches of `items` in seeded global batches, and its sampler; an error when
+    the items (`what` they are) do not fill one global batch."""
     sampler = GlobalBatchSampler(
         len(items),
         training.per_device_train_batch_size,
@@ -120,16 +134,12 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         training.seed,
     )
     if sampler.steps_per_epoch == 0:
-        what = "packed rows" if layout == "packed" else "examples"
         raise UserError(
             f"the training set has {len(items)} {what}, fewer than one global batch of {sampler.global_batch} "
             f"(per_device_train_batch_size {training.per_device_train_batch_size} x gradient_accumulation_steps "
             f"{training.gradient_accumulation_steps} x {accelerator.num_processes} processes): lower the batch size "
             "or add data"
         )
-    workers = data.dataloader_num_workers
-    if workers is None:  # overlap collation with compute on GPU; on CPU the cores are busy computing
-        workers = 2 if torch.cuda.is_available() else 0
     loader = DataLoader(
         items,
         batch_sampler=sampler,
@@ -139,7 +149,7 @@ def build_train_loader(config: Config, tokenizer: Any, accelerator: Accelerator,
         # Its own generator, so iterating never consumes the global RNG that dropout uses.
         generator=torch.Generator().manual_seed(training.seed),
     )
-    return TrainData(loader, sampler, layout, stats, audited, packing, workers, panel)
+    return loader, sampler
 
 
 def audit_panel(examples: datasets.Dataset, tokenizer: Any, names: list[str], per_dataset: int = 2) -> list[list[str]]:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,19 +37,18 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
 
 from llmhalluc.config import Config, TrainingConfig
 from llmhalluc.data.audit import audit_lines, check_backtracks
-from llmhalluc.data.batching import GlobalBatchSampler, PaddedCollator, PaddingFreeCollator, eval_batches
+from llmhalluc.data.batching import PaddedCollator, PaddingFreeCollator, eval_batches
 from llmhalluc.data.pairs import SIDES, prepare_pairs
 from llmhalluc.errors import UserError
 from llmhalluc.models.loading import load_model, resolve_attention
 from llmhalluc.runtime.dist import data_preparation_turns, zero3_init_disabled
-from llmhalluc.train.feed import EvalData, TrainData, accumulation_windows, to_device
+from llmhalluc.train.feed import EvalData, TrainData, seeded_loader, to_device
 from llmhalluc.train.loss import per_token_cross_entropy
 from llmhalluc.train.objective import Batch, Objective, Sums
-from llmhalluc.train.stage import Stage
+from llmhalluc.train.stage import Stage, sft_windows
 
 REFERENCE_FILE = "reference_logps.pt"
 REFERENCE_FREE = ("simpo", "orpo")
@@ -211,27 +209,8 @@ def build_pair_loader(config: Config, tokenizer: Any, accelerator: Accelerator, 
             check_backtracks(side_stats, data)
         for line in audit_lines(side_stats, data, f"train/{side}"):
             accelerator.print(line)
-    sampler = GlobalBatchSampler(
-        len(pairs),
-        training.per_device_train_batch_size,
-        training.gradient_accumulation_steps,
-        accelerator.num_processes,
-        accelerator.process_index,
-        training.seed,
-    )
-    if sampler.steps_per_epoch == 0:
-        raise UserError(
-            f"the training set has {len(pairs)} pairs, fewer than one global batch of {sampler.global_batch}: lower "
-            "the batch size or add data"
-        )
     collate = PairCollator(tokenizer.pad_token_id, layout, data.pad_to_multiple_of)
-    loader = DataLoader(
-        pairs,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(training.seed),
-    )
+    loader, sampler = seeded_loader(pairs, collate, training, accelerator, workers=0, what="pairs")
     audited = {"datasets": {side: s.to_dict() for side, s in stats.sides.items()}, "warnings": []}
     return TrainData(loader, sampler, layout, stats, audited)
 
@@ -249,12 +228,6 @@ def prepare_eval_pairs(config: Config, tokenizer: Any, accelerator: Accelerator)
         mix=False,
     )
     return EvalData(pairs, PairCollator(tokenizer.pad_token_id, "padded", config.data.pad_to_multiple_of), stats)
-
-
-def dpo_windows(run: Any, start_step: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """The pairs' seeded global batches, one accumulation window per optimizer step."""
-    data = run.data
-    return accumulation_windows(data.loader, data.sampler, start_step, run.config.training.gradient_accumulation_steps)
 
 
 def reference_key(run: Any) -> str:
@@ -353,7 +326,7 @@ def pair_logps(run: Any, model: Any, dataset: Any) -> dict[str, torch.Tensor]:
     return {"chosen": chosen, "rejected": rejected}
 
 
-DPO_STAGE = Stage("dpo", DPO, build_pair_loader, prepare_eval_pairs, dpo_windows, attach_reference)
+DPO_STAGE = Stage("dpo", DPO, build_pair_loader, prepare_eval_pairs, sft_windows, attach_reference)
 
 
 def read_reference(output_dir: Path) -> dict[str, Any]:
