@@ -201,6 +201,41 @@ def _cross_checks(config: Config) -> list[str]:
             "accelerate launch (vLLM uses every GPU it is given itself)"
         )
     problems += token_description_problems(model, data)
+    if training.stage == "grpo":
+        problems += _rl_problems(config)
+    return problems
+
+
+def _rl_problems(config: Config) -> list[str]:
+    """What stage grpo needs of the rest of the config."""
+    rl, training, data, run = config.rl, config.training, config.data, config.run
+    problems = []
+    if not rl.reward_funcs:
+        problems.append("stage grpo needs reward_funcs: built-ins gsm8k, squad_v2, format, backtrack or import paths")
+    if rl.reward_weights is not None and len(rl.reward_weights) != len(rl.reward_funcs):
+        problems.append(
+            f"reward_weights has {len(rl.reward_weights)} values for {len(rl.reward_funcs)} reward_funcs "
+            f"({', '.join(rl.reward_funcs)})"
+        )
+    per_rank = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    if per_rank % rl.num_generations:
+        problems.append(
+            f"stage grpo: per_device_train_batch_size x gradient_accumulation_steps ({per_rank} completions per "
+            f"process and step) must be a multiple of num_generations ({rl.num_generations}): a prompt's group is "
+            "generated and scored on one process"
+        )
+    if rl.rollout_top_p > 1.0:
+        problems.append(f"rollout_top_p must be at most 1, got {rl.rollout_top_p}")
+    if rl.rollout_engine == "vllm":
+        problems.append("rollout_engine: vllm is not built yet; use rollout_engine: hf (the model being trained)")
+    if data.packing:
+        problems.append("packing with stage: grpo: completions are batched padding-free or padded; drop packing")
+    if run.eval_steps is not None:
+        problems.append(
+            "eval_steps with stage: grpo: there is no eval loss; evaluate with generation_eval_steps on eval_dataset"
+        )
+    if training.ref_model and rl.beta == 0:
+        problems.append("ref_model is set but beta is 0: stage grpo uses a reference model only with beta > 0")
     return problems
 
 

@@ -5,10 +5,13 @@ checking a config file is llmhalluc.config.engine's."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
+
+from llmhalluc.config.fields import PURPOSES, option
+from llmhalluc.config.rl import RLConfig
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -20,28 +23,6 @@ REPORTERS = ("none", "wandb")
 
 
 OVERLAP_METRICS = ("bleu", "rouge")  # text overlap scored on request (llmhalluc.eval.metrics.overlap_scores)
-
-
-PURPOSES = ("train", "eval")  # what a config is loaded for: train/sft.py, or train/eval.py
-
-
-def option(
-    default: Any = None,
-    help: str = "",
-    *,
-    minimum: float | None = None,
-    exclusive: bool = False,
-    required: tuple[str, ...] = (),
-    identity: bool = False,
-    default_factory: Any = None,
-) -> Any:
-    """A config field: default, help text for the docs, the smallest allowed value, the purposes (train, eval) it
-    is required for, and whether it is part of a run's identity (a checkpoint resumes only a run that agrees on
-    every identity key)."""
-    metadata = {"help": help, "minimum": minimum, "exclusive": exclusive, "required": required, "identity": identity}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -227,10 +208,10 @@ class DataConfig:
 class TrainingConfig:
     """The stage and its objective, batch, steps, optimizer and schedule."""
 
-    stage: Literal["sft", "dpo"] = option(
+    stage: Literal["sft", "dpo", "grpo"] = option(
         "sft",
-        "Training stage: sft (supervised fine-tuning) or dpo (preference optimisation on ranking datasets; "
-        "pref_loss picks DPO or a variant).",
+        "Training stage: sft (supervised fine-tuning), dpo (preference optimisation on ranking datasets; "
+        "pref_loss picks DPO or a variant) or grpo (online RL with rewards, docs/grpo.md).",
         identity=True,
     )
     pref_beta: float = option(
@@ -254,12 +235,14 @@ class TrainingConfig:
     )
     ref_model: str | None = option(
         None,
-        "stage dpo: the reference model; null = the model training starts from (under LoRA: the base with adapters "
-        "disabled). Its log-probabilities are computed once before training and cached in output_dir.",
+        "stage dpo and grpo (with beta > 0): the reference model; null = the model training starts from (under LoRA: "
+        "the base with adapters disabled). DPO computes its log-probabilities once and caches them in output_dir.",
         identity=True,
     )
     per_device_train_batch_size: int = option(
-        1, "Sequences (or packed rows; pairs for stage dpo) per micro-batch per process.", minimum=1
+        1,
+        "Sequences (or packed rows; pairs for stage dpo; completions for grpo) per micro-batch per process.",
+        minimum=1,
     )
     per_device_eval_batch_size: int = option(1, "Sequences per evaluation batch per process.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step per process.", minimum=1)
@@ -372,6 +355,7 @@ SECTIONS = {
     "training": TrainingConfig,
     "run": RunConfig,
     "generation": GenerationEvalConfig,
+    "rl": RLConfig,
 }
 
 
@@ -384,6 +368,7 @@ class Config:
     training: TrainingConfig
     run: RunConfig
     generation: GenerationEvalConfig
+    rl: RLConfig
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The flat key -> value mapping a YAML config file holds."""

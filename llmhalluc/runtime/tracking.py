@@ -46,7 +46,7 @@ class MetricsLogger:
         if not is_main:
             return
         self.path = output_dir / METRICS_FILE
-        _drop_rows_after(self.path, start_step)  # a resumed run rewrites what came after its checkpoint
+        drop_rows_after(self.path, start_step)  # a resumed run rewrites what came after its checkpoint
         self.file = self.path.open("a", encoding="utf-8")
         if "wandb" in config.run.report_to:
             self.wandb_run = start_wandb(config, output_dir, run_summary)
@@ -125,7 +125,8 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the jsonl rows of steps up to `step` (what a run resumed there has already written)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]

@@ -33,6 +33,7 @@ from llmhalluc.runtime.dist import zero3_init_disabled
 from llmhalluc.runtime.tracking import MetricsLogger
 from llmhalluc.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from llmhalluc.train.feed import to_device
+from llmhalluc.train.grpo import GRPO_STAGE
 from llmhalluc.train.meter import StepResult, WindowMeter
 from llmhalluc.train.objective import Objective
 from llmhalluc.train.preemption import PREEMPTED_MARKER, Preempted, PreemptionWatch
@@ -41,7 +42,7 @@ from llmhalluc.train.report import RunRecord
 from llmhalluc.train.setup import Run, setup
 from llmhalluc.train.stage import SFT_STAGE, Stage
 
-STAGES = {"sft": SFT_STAGE, "dpo": DPO_STAGE}  # the config's `stage` -> what it trains
+STAGES = {"sft": SFT_STAGE, "dpo": DPO_STAGE, "grpo": GRPO_STAGE}  # the config's `stage` -> what it trains
 
 
 def train(config: Config, stage: Stage | None = None) -> Path:

@@ -116,6 +116,19 @@ def per_token_cross_entropy(model: Any, batch: dict[str, Any], chunk_tokens: int
     return chunked_cross_entropy(selected, batch["targets"], head, logit_postprocess(lm.config), chunk)
 
 
+def completion_logps(model: Any, batch: dict[str, Any], temperature: float, chunk_tokens: int | None) -> torch.Tensor:
+    """The log-probability of every trained completion token (in target order) at the sampling temperature."""
+    lm, selected = trained_hidden_states(model, batch)
+    head = lm.get_output_embeddings()
+    model_post = logit_postprocess(lm.config)
+
+    def post(logits: torch.Tensor) -> torch.Tensor:
+        return (model_post(logits) if model_post is not None else logits) / temperature
+
+    chunk = chunk_positions(full_shape(head.weight)[0], chunk_tokens)
+    return -chunked_cross_entropy(selected, batch["targets"], head, post, chunk)
+
+
 def logit_postprocess(config: Any) -> Any:
     """What a model does to its LM head's output before the loss (Gemma's soft-capping, Cohere's scale), or None."""
     cap = getattr(config, "final_logit_softcapping", None)  # model-specific attributes of the HF config

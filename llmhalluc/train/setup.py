@@ -55,6 +55,7 @@ class Run:
     parameters: dict[str, int]
     loaded_sharded: bool
     flops: FlopsModel | None
+    rollouts: Any = None  # stage grpo: reward functions, reference model, completions log (set by its start)
 
     @property
     def output_dir(self) -> Path:
@@ -69,6 +70,7 @@ class Run:
             "chunk_tokens": training.loss_chunk_tokens,
             "liger": self.config.model.use_liger_kernel,
             "training": training,
+            "rl": self.config.rl,
         }
 
     def summary(self) -> dict[str, Any]:
