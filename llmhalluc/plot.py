@@ -1,8 +1,8 @@
 """Loss plots from metrics.jsonl: `python -m llmhalluc.plot OUTPUT_DIR [OUTPUT_DIR ...] [-o FILE]`.
 
 One run, or several on the same axes for comparison (labelled by run name): train loss (raw and smoothed), eval
-loss, learning rate and grad norm against the optimizer step. Training writes output_dir/loss.png at every
-checkpoint and at the end.
+loss (for GRPO runs, which have none, the mean reward), learning rate and grad norm against the optimizer step.
+Training writes output_dir/loss.png at every checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def read_series(output_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """(steps, values) per metric of a run's metrics.jsonl, plus the smoothed train loss."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for key, _ in PANELS:
+    for key in [k for k, _ in PANELS] + ["reward"]:
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
         series[key] = ([s for s, _ in points], [v for _, v in points])
     steps, losses = series["loss"]
@@ -55,7 +55,10 @@ def plot_runs(output_dirs: list[Path], out_file: Path) -> dict[str, dict[str, tu
     axes = figure.subplots(2, 2)
     # Fixed margins: an automatic layout engine doubles the time of a plot written at every checkpoint.
     figure.subplots_adjust(left=0.07, right=0.98, top=0.95, bottom=0.07, hspace=0.3, wspace=0.2)
-    for axis, (key, title) in zip(axes.flat, PANELS):
+    panels = list(PANELS)
+    if not any(series["eval_loss"][0] for series in drawn.values()) and any(s["reward"][0] for s in drawn.values()):
+        panels[1] = ("reward", "mean reward")
+    for axis, (key, title) in zip(axes.flat, panels):
         for label, series in drawn.items():
             steps, values = series[key]
             if key == "loss":

@@ -169,6 +169,7 @@ def test_bad_grpo_configs_name_the_key(values, named):
         build_config(GRPO | {"eval_dataset": ["demo_eval"]} | values)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_exactly(tmp_path, tiny_model_dir):
     """Real sampling, num_iterations 2, killed (SIGKILL) just after checkpoint-3, in the middle of a generation
     batch: the resumed run trains on the same rollout and then samples the same completions as an uninterrupted

@@ -3,6 +3,7 @@ trained, load no model weights, write nothing."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
@@ -10,11 +11,14 @@ from transformers import PreTrainedTokenizerBase
 
 from llmhalluc.config import Config, changed_keys
 from llmhalluc.data.batching import pack_rows, packing_efficiency
+from llmhalluc.data.facts import token_facts
 from llmhalluc.data.labels import IGNORE_INDEX
 from llmhalluc.data.pairs import prepare_pairs
 from llmhalluc.data.pipeline import column, prepare_dataset
+from llmhalluc.eval.rewards import build_rewards
 from llmhalluc.models.loading import load_tokenizer
 from llmhalluc.models.tokens import add_tokens
+from llmhalluc.train.rollout import load_prompts, prompts_summary
 
 # How a token is shown: trained, masked as a backtracked error (input, never a target), or neither.
 MARKS = {"trained": (("\033[32m", "\033[0m"), ("[[", "]]")), "error": (("\033[31;9m", "\033[0m"), ("{{", "}}"))}
@@ -86,6 +90,9 @@ def dry_run(config: Config, examples: int = 3, out: TextIO | None = None) -> Non
     splits = [("train", config.data.dataset)] + (
         [("eval", config.data.eval_dataset)] if config.data.eval_dataset else []
     )
+    if config.training.stage == "grpo":
+        show_prompts(config, tokenizer, examples, out)
+        splits = []  # eval_dataset is generation evaluation's
     for split, names in splits:
         if config.training.stage == "dpo":
             show_pairs(config, tokenizer, split, names, examples, colour, out)
@@ -131,3 +138,28 @@ def show_pairs(
                 file=out,
             )
             print(marked, file=out)
+
+
+def show_prompts(config: Config, tokenizer: Any, examples: int, out: TextIO) -> None:
+    """Stage grpo: the prompts' stats, the reward functions (loaded, so a bad one fails here), and the first prompts
+    of each dataset as the model continues them, with their references."""
+    facts = token_facts(tokenizer, config.data.backtrack_target(), None, config.data.token_aliases)
+    rl = config.rl
+    rewards = build_rewards(
+        rl.reward_funcs, config.data.abstention_answer, rl.format_pattern, facts.backtrack_id, rl.max_backtracks
+    )
+    weights = rl.reward_weights or [1.0] * len(rewards)
+    items, stats = load_prompts(config, tokenizer)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    print(prompts_summary(config, stats, processes), file=out)
+    print("rewards: " + " + ".join(f"{w:g} x {r.name}" for r, w in zip(rewards, weights)), file=out)
+    for source, name in enumerate(config.data.dataset):
+        shown = [item for item in items if item["source"] == source][:examples]
+        for item in shown:
+            print(
+                f"--- prompt of {name} row {item['row']} ({len(item['prompt_ids'])} tokens; up to "
+                f"{rl.max_completion_length} sampled, {rl.num_generations} times) ---",
+                file=out,
+            )
+            print(tokenizer.decode(item["prompt_ids"]), file=out)
+            print(f"reference: {item['references'][0]!r} (answerable: {item['answerable']})", file=out)

@@ -109,6 +109,7 @@ def grpo_row(totals: dict[str, list[float]], names: list[str]) -> dict[str, Any]
         "completions/clipped_ratio": totals["rollout/truncated"][0] / completions,
         "completions": int(completions),
         "generation_time": totals["rollout/generation_seconds"][0] / totals["rollout/generations"][0],
+        "rollout_time": totals["rollout/rollout_seconds"][0] / totals["rollout/generations"][0],
     }
     for key in sorted(k for k in totals if k.startswith("rollout/rewards/")):
         value, count = totals[key]

@@ -40,9 +40,10 @@ COMPLETIONS_FILE = "completions.jsonl"
 ROLLOUTS_DIR = "rollouts"
 
 
-def prepare_prompts(config: Config, tokenizer: Any, accelerator: Any, layout: str) -> TrainData:
-    """Every training dataset's prompts (the chat up to its final assistant turn) with references, tokenized, in
-    seeded global batches of prompts for this process."""
+def load_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], DatasetStats]:
+    """Every training dataset's prompts (the chat up to its final assistant turn, rendered with the generation
+    prompt and tokenized) with their references and row; prompts too long for a completion are dropped and
+    counted."""
     data, training, rl = config.data, config.training, config.rl
     items, stats = [], DatasetStats()
     for source, name in enumerate(data.dataset):
@@ -79,10 +80,25 @@ def prepare_prompts(config: Config, tokenizer: Any, accelerator: Any, layout: st
             f"stage grpo: no prompts left in {', '.join(data.dataset)} (dropped: {dict(stats.dropped)}); a prompt "
             f"must fit max_length ({data.max_length}) with max_completion_length ({rl.max_completion_length})"
         )
-    accelerator.print(
-        f"grpo prompts: {stats.examples} of {stats.rows} rows ({dict(stats.dropped) or 'none dropped'}), "
-        f"{rl.num_generations} completions each"
+    return items, stats
+
+
+def prompts_summary(config: Config, stats: DatasetStats, processes: int) -> str:
+    """One line: prompts kept, dropped, and what a step samples."""
+    training, rl = config.training, config.rl
+    completions = training.per_device_train_batch_size * training.gradient_accumulation_steps * processes
+    return (
+        f"grpo prompts: {stats.examples} of {stats.rows} rows ({dict(stats.dropped) or 'none dropped'}); each step "
+        f"{completions // rl.num_generations} prompts x {rl.num_generations} completions = {completions} completions "
+        f"over {processes} process(es), each generation batch trained {rl.num_iterations} step(s)"
     )
+
+
+def prepare_prompts(config: Config, tokenizer: Any, accelerator: Any, layout: str) -> TrainData:
+    """The prompts in seeded global batches of prompts for this process."""
+    training, rl = config.training, config.rl
+    items, stats = load_prompts(config, tokenizer)
+    accelerator.print(prompts_summary(config, stats, accelerator.num_processes))
     per_rank = training.per_device_train_batch_size * training.gradient_accumulation_steps // rl.num_generations
     by_prompt = dataclasses.replace(training, per_device_train_batch_size=per_rank, gradient_accumulation_steps=1)
     loader, sampler = seeded_loader(items, list, by_prompt, accelerator, workers=0, what="prompts")
@@ -252,6 +268,7 @@ def rollout(run: Any, items: list[dict[str, Any]], generation: int) -> list[dict
     batches = build_micro_batches(run, scored, advantage, group_std, seconds)
     attach_logps(run, batches)
     log_completions(run, scored, advantage, step)
+    batches[0]["rollout"]["rollout/rollout_seconds"] = [time.perf_counter() - started]
     return batches
 
 

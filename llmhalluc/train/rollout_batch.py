@@ -88,7 +88,7 @@ def build_micro_batches(
 def empty_sums(rewards: list[Reward]) -> dict[str, list[float]]:
     """The rollout metrics' sums of a micro-batch that carries none."""
     keys = ["reward", "reward_squares", "scored", "groups", "zero_std_groups", "completions", "length", "truncated"]
-    keys += ["terminated_length", "generation_seconds", "generations"]
+    keys += ["terminated_length", "generation_seconds", "rollout_seconds", "generations"]
     sums = {f"rollout/{key}": [0.0] for key in keys}
     for reward in rewards:
         sums[f"rollout/rewards/{reward.name}"] = [0.0, 0.0]  # sum, count
