@@ -254,3 +254,19 @@ def test_dry_run_shows_prompts_and_rewards_and_names_a_bad_function(tiny_model_d
     assert "--- prompt of demo row 0" in shown and "reference: " in shown
     failed = run_sft([*args, "reward_funcs=[configs/demo_rewards.py:nothing]"], expect_code=2)
     assert "reward_funcs: 'configs/demo_rewards.py:nothing': 'nothing' is not a function" in failed.stderr
+
+
+@pytest.mark.slow
+def test_real_sampling_is_the_same_under_ddp_and_zero3(grpo_root, tiny_model_dir):
+    """transformers' generate samples the rollouts under ZeRO-3 too (every process generating in step); with the
+    sampling RNG seeded per generation batch and process, the first step's completions equal DDP's."""
+    logged = {}
+    for launch in ("cpu_ddp.yaml", "cpu_zero3.yaml"):
+        args, _, out = cell_args(grpo_root, "ddp-it1-grpo-beta", tiny_model_dir)
+        out = grpo_root / f"sampled-{launch}"
+        args = [a for a in args if not a.startswith(("output_dir=", "max_steps="))]
+        run_sft([*args, f"output_dir={out}", "max_steps=1", "save_steps="], launch)
+        logged[launch] = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    ddp, zero3 = logged.values()
+    assert {r["process"] for r in zero3} == {0, 1} and len(zero3) == 2 * 4
+    assert [(r["row"], r["completion"]) for r in zero3] == [(r["row"], r["completion"]) for r in ddp]
