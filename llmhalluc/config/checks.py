@@ -31,7 +31,7 @@ def cross_checks(config: Config) -> list[str]:
     model = config.model
     lora_only = {
         "adapter_name_or_path": model.adapter_name_or_path,
-        "merge": model.merge,
+        "merge" if not run.do_merge else "do_merge": model.merge,
         "freeze_new_token_rows": model.freeze_new_token_rows,
     }
     for key, value in lora_only.items():
@@ -89,6 +89,34 @@ def cross_checks(config: Config) -> list[str]:
     problems += token_description_problems(model, data)
     if training.stage == "grpo":
         problems += rl_problems(config)
+    problems += best_model_problems(config)
+    return problems
+
+
+def best_model_problems(config: Config) -> list[str]:
+    """What metric_for_best_model, load_best_model_at_end and early_stopping_patience need."""
+    run, generation = config.run, config.generation
+    metric = run.metric_for_best_model
+    wanted = [key for key in ("load_best_model_at_end", "early_stopping_patience") if getattr(run, key)]
+    if metric is None:
+        return [f"{key} needs metric_for_best_model (e.g. eval_loss)" for key in wanted]
+    by_generation = metric.startswith("gen/")
+    cadence = generation.generation_eval_steps if by_generation else run.eval_steps
+    problems = []
+    if by_generation and cadence is None:
+        problems.append(f"metric_for_best_model {metric} is a generation metric: set generation_eval_steps")
+    if not by_generation and not (metric.startswith("eval_") and config.data.eval_dataset):
+        problems.append(
+            f"metric_for_best_model {metric}: an eval_* key of the eval rows (with eval_dataset) or a "
+            "gen/<dataset>/<metric> key (with generation_eval_steps)"
+        )
+    if run.load_best_model_at_end and run.save_steps != cadence:
+        problems.append(
+            f"load_best_model_at_end needs a checkpoint at every evaluation of {metric}: set save_steps to "
+            f"{'generation_eval_steps' if by_generation else 'eval_steps'} ({cadence})"
+        )
+    if run.load_best_model_at_end and run.save_only_model:
+        problems.append("load_best_model_at_end reads the best checkpoint's full state: drop save_only_model")
     return problems
 
 

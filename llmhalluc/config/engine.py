@@ -104,6 +104,7 @@ def build_config(values: dict[str, Any], sources: dict[str, str] | None = None, 
     if problems:
         raise ConfigError(problems)
     config = Config(**{name: cls(**sectioned[name]) for name, cls in SECTIONS.items()})
+    config.model.merge = config.model.merge or config.run.do_merge  # do_merge is the plan's name for merge
     problems = cross_checks(config)
     if problems:
         raise ConfigError(problems)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from llmhalluc.config.fields import PURPOSES, option
+from llmhalluc.config.generation import GenerationEvalConfig
 from llmhalluc.config.rl import RLConfig
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -302,6 +303,21 @@ class RunConfig:
         None, "A checkpoint folder; 'latest' (the newest in output_dir, an error if none); 'auto' (latest if any)."
     )
     report_to: list[str] = option(help="Trackers: none or wandb.", default_factory=lambda: ["none"])
+    do_train: bool = option(True, "train/run.py: train the model (false: only evaluate model_name_or_path).")
+    do_merge: bool = option(False, "train/run.py: merge the LoRA adapter after training (the same as merge: true).")
+    do_eval: bool = option(False, "train/run.py: evaluate the trained model by generation on eval_dataset.")
+    metric_for_best_model: str | None = option(
+        None, "The metric that picks the best model: eval_loss, or any eval_* or gen/<dataset>/<metric> row key."
+    )
+    greater_is_better: bool | None = option(
+        None, "Whether a larger metric_for_best_model is better; null = false for names ending in loss, else true."
+    )
+    load_best_model_at_end: bool = option(
+        False, "The final model is the best checkpoint's (save_steps must equal the metric's evaluation cadence)."
+    )
+    early_stopping_patience: int | None = option(
+        None, "Stop after this many evaluations in a row without a better metric_for_best_model.", minimum=1
+    )
     disable_tqdm: bool | None = option(
         None,
         "The progress bar: null = shown when stderr is a terminal, true = never, false = always (a printed line per "
@@ -309,44 +325,6 @@ class RunConfig:
     )
     run_name: str | None = option(None, "Run name for wandb; default: the output_dir's name.")
     wandb_project: str = option("llmhalluc", "wandb project.")
-
-
-@dataclass
-class GenerationEvalConfig:
-    """Generation evaluation: settings of train/eval.py and of the evaluation during training."""
-
-    max_new_tokens: int = option(512, "Longest generation, in tokens.", minimum=1)
-    temperature: float = option(0.0, "Sampling temperature; 0 = greedy decoding.", minimum=0.0)
-    top_p: float = option(1.0, "Nucleus sampling mass (with temperature > 0).", minimum=0.0, exclusive=True)
-    generation_batch_size: int = option(8, "Prompts per generation batch per process.", minimum=1)
-    engine: Literal["hf", "vllm"] = option(
-        "hf", "Generation engine: transformers' generate, or vLLM (GPU, standalone)."
-    )
-    generation_eval_steps: int | None = option(
-        None, "Optimizer steps between generation evaluations during training (and at the end); null = none.", minimum=1
-    )
-    generation_eval_samples: int = option(
-        64, "Examples per eval dataset generated during training (a fixed, seeded subset).", minimum=1
-    )
-    num_fewshot: int = option(
-        0,
-        "Solved examples shown before each eval prompt, as prior user/assistant turns (after a system message); "
-        "drawn per evaluated row with a seeded generator, never the evaluated row itself.",
-        minimum=0,
-    )
-    fewshot_dataset: str | None = option(
-        None, "dataset_info.json entry the few-shot examples come from; null = the first training dataset."
-    )
-    overlap_metrics: list[str] = option(
-        help="Text-overlap metrics added for every eval dataset: bleu (sacrebleu, 0-100), rouge (rouge-score "
-        "rouge1/rouge2/rougeL F-measure, 0-1).",
-        default_factory=list,
-    )
-    eval_tag: str | None = option(
-        None,
-        "Name of this evaluation: train/eval.py writes output_dir/eval/<eval_tag>/; null = the UTC start time "
-        "(an earlier evaluation is never overwritten).",
-    )
 
 
 SECTIONS = {

@@ -59,10 +59,11 @@ class MetricsLogger:
             disable=not sys.stderr.isatty() if disable is None else disable,
         )
 
-    def log(self, row: dict[str, Any]) -> None:
-        """Record one row (a training or evaluation step)."""
+    def log(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Record one row (a training or evaluation step); returns it."""
         if not self.is_main:
-            return
+            return row
+        logged = row
         row = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in row.items()}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -77,6 +78,7 @@ class MetricsLogger:
             self.bar.set_postfix_str(text)
         tqdm.write(f"step {row['step']}/{self.total_steps}: {text} [{self.timing(row['step'])}]", file=sys.stdout)
         sys.stdout.flush()
+        return logged
 
     def timing(self, step: int) -> str:
         """Elapsed wall time of this run (since it started or resumed) and the time left at its pace so far."""

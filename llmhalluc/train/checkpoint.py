@@ -54,6 +54,10 @@ class TrainerState:
     nonfinite_steps: int = 0
     num_processes: int = 0  # 0: a checkpoint written before this was recorded
     train_seconds: float = 0.0  # time spent in training steps (not evaluation or saving)
+    best_metric: float | None = None  # metric_for_best_model at its best so far, and the step of that evaluation
+    best_step: int | None = None
+    evaluations_since_best: int = 0
+    final_model_step: int | None = None  # the step the saved final model comes from (the best one, when asked)
 
     @classmethod
     def start(cls, run: Any) -> TrainerState:
@@ -146,11 +150,13 @@ def save_training_state(accelerator: Accelerator, folder: Path, lora: bool) -> N
         hook.remove()
 
 
-def load_checkpoint(run: Any) -> TrainerState:
+def load_checkpoint(run: Any, checkpoint: Path | None = None) -> TrainerState:
     """Restore the run from its resume_from checkpoint (every rank calls it): the files are checked against the list
     written when it completed, its model folder against the model this config builds, then weights and training
     state are loaded; returns its TrainerState."""
-    accelerator, model, checkpoint, export = run.accelerator, run.model, run.resume_from, run.export
+    resumed = checkpoint is None
+    accelerator, model, export = run.accelerator, run.model, run.export
+    checkpoint = run.resume_from if resumed else checkpoint
     check_files(checkpoint)
     network = accelerator.unwrap_model(model, keep_torch_compile=False)
     lora = export.kind == "lora"
@@ -166,7 +172,8 @@ def load_checkpoint(run: Any) -> TrainerState:
         finally:
             hook.remove()
     state = TrainerState.read(checkpoint)
-    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    if resumed:
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     return state
 
 
@@ -266,7 +273,8 @@ def save_checkpoint(run: Any, state: TrainerState) -> Path:
             shutil.rmtree(final)
         staging.rename(final)
         if config.run.save_total_limit is not None:
-            for _, old in checkpoint_steps(output_dir)[: -config.run.save_total_limit]:
-                shutil.rmtree(old)
+            for step, old in checkpoint_steps(output_dir)[: -config.run.save_total_limit]:
+                if step != state.best_step:  # the best checkpoint outlives rotation
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -31,6 +31,7 @@ from llmhalluc.models.export import merge_adapter, save_model
 from llmhalluc.plot import write_loss_plot
 from llmhalluc.runtime.dist import zero3_init_disabled
 from llmhalluc.runtime.tracking import MetricsLogger
+from llmhalluc.train.best import BestModel, load_best_model
 from llmhalluc.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from llmhalluc.train.feed import to_device
 from llmhalluc.train.grpo import GRPO_STAGE
@@ -58,9 +59,10 @@ def train(config: Config, stage: Stage | None = None) -> Path:
     windows = stage.windows(run, state.step)
     meter = WindowMeter(run.accelerator, stage.objective, config.data.dataset, run.flops)
     cadence, watch, status = Cadence.of(config, run.total_steps), PreemptionWatch(), "failed"
+    best = BestModel(config, state, record.is_main)
     try:
         run.model.train()
-        while state.step < run.total_steps:
+        while state.step < run.total_steps and not best.stop:
             state.epoch, micro_batches = next(windows)
             lr = run.schedule.current_lr()  # the rate this step uses
             meter.start_step()
@@ -82,9 +84,9 @@ def train(config: Config, stage: Stage | None = None) -> Path:
                     f"checkpoint in {run.output_dir} is intact. Lower learning_rate or check the data and model."
                 )
             if cadence.evaluates(step) and run.eval_data is not None:
-                logger.log({"step": step, **timed(evaluate, run, stage.objective, key="eval_time")})
+                best.observe(logger.log({"step": step, **timed(evaluate, run, stage.objective, key="eval_time")}))
             if cadence.generates(step) and run.generation_sets:
-                logger.log({"step": step, **timed(generation_rows, run, key="gen_time")})
+                best.observe(logger.log({"step": step, **timed(generation_rows, run, key="gen_time")}))
             if saving or stopping:
                 save_checkpoint(run, state)
                 if run.accelerator.is_main_process:
@@ -93,6 +95,7 @@ def train(config: Config, stage: Stage | None = None) -> Path:
                 status = "preempted"
                 stop_for_preemption(run.accelerator, run.output_dir, state, watch)
             logger.advance()
+        state.final_model_step = load_best_model(run, state)
         save_final_model(run)
         status = "finished"
     except BaseException as err:

@@ -51,6 +51,10 @@ class RunRecord:
             self._write(fields | {"error": error})
             return
         final = final_metrics(self.output_dir, state.train_seconds, state.trained_tokens_seen, state.step)
+        if state.best_step is not None:  # metric_for_best_model was evaluated
+            metric = self.run.config.run.metric_for_best_model
+            final |= {"best_step": state.best_step, "best_metric": {metric: state.best_metric}}
+        final["final_model_step"] = state.final_model_step if state.final_model_step is not None else state.step
         self._write(fields | {"final": final})
         write_loss_plot(self.output_dir)
         load = load_hint(self.output_dir, self.run.export) if status == "finished" else None
