@@ -65,13 +65,15 @@ def preload() -> dict:
     import matplotlib.backends.backend_agg
     import matplotlib.figure  # noqa: F401  (loss.png at every checkpoint: ~1 s of imports per run otherwise)
     import peft  # noqa: F401
+    import run as run_entry
     import sft
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    import llmhalluc.cli.pipeline
     import llmhalluc.eval.standalone
     import llmhalluc.train.loop  # noqa: F401
 
-    return {"sft.py": sft, "eval.py": eval_entry}
+    return {"sft.py": sft, "eval.py": eval_entry, "run.py": run_entry}
 
 
 def free_port() -> int:
