@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, run_sft
+from conftest import REPO, read_metrics, run_sft
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -28,6 +28,24 @@ def saving(run, state):
     return path
 loop.save_checkpoint = saving
 """
+
+
+def demo_task(root: Path) -> Path:
+    """A local lm-eval generate_until task over demo_eval's questions (the researchers write theirs this way)."""
+    folder = root / "task"
+    folder.mkdir(parents=True, exist_ok=True)
+    chats = [json.loads(line)["messages"] for line in (REPO / "data" / "demo_eval.jsonl").read_text().splitlines()]
+    rows = [{"question": c[-2]["content"], "answer": c[-1]["content"]} for c in chats[:6]]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "demo.yaml").write_text(
+        "task: llmhalluc_demo\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: 16\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return folder
 
 
 def plan(root: Path, model: Path) -> Path:
@@ -60,6 +78,9 @@ def plan(root: Path, model: Path) -> Path:
             "do_train": False,
             "do_eval": True,
             "overrides": {"eval_dataset": ["demo_eval"], "max_samples": 6, "max_new_tokens": 16},
+            "lm_eval_tasks": ["llmhalluc_demo"],
+            "lm_eval_include_path": str(demo_task(root)),
+            "lm_eval_args": {"limit": 3, "batch_size": 3},
         },
     ]
     path = root / "plan.yaml"
@@ -91,7 +112,7 @@ def test_a_killed_study_skips_finished_steps_and_ends_as_an_uninterrupted_one(st
     whole, killed = results(studies["whole"]), results(studies["killed"])
     assert killed == whole
     metrics = {(step, metric) for step, _, _, metric, _ in whole}
-    assert {("sft", "loss"), ("dpo", "loss"), ("eval", "accuracy_strict")} <= metrics
+    assert {("sft", "loss"), ("dpo", "loss"), ("eval", "accuracy_strict"), ("eval", "exact_match,none")} <= metrics
 
 
 def test_the_dry_run_of_a_half_finished_study_lists_exactly_what_is_left(studies):
@@ -99,7 +120,7 @@ def test_the_dry_run_of_a_half_finished_study_lists_exactly_what_is_left(studies
     assert [line.rsplit("; ", 1)[-1] for line in lines] == [
         "done, skipped",
         "to run: train (resume from checkpoint-2)",
-        "to run: evaluate",
+        "to run: evaluate, lm-eval llmhalluc_demo",
     ]
     assert "dry run: nothing was trained or written" in studies["remaining"]
 
@@ -175,3 +196,36 @@ def test_early_stopping_stops_where_the_logged_metric_says_and_keeps_the_best_mo
     saved = load_file(out / "model.safetensors")
     assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in kept)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best_step}", f"checkpoint-{stop}"})
+
+
+def test_a_multi_process_launch_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """Chaining steps in one multi-process launch is not built (accelerate's process-wide state and process group
+    do not survive from one step to the next reliably): refused before anything runs."""
+    failed = run_sft([str(plan(tmp_path, tiny_model_dir))], script="run.py", env={"WORLD_SIZE": "2"}, expect_code=2)
+    assert "train/run.py runs a study in one process, but 2 were launched" in failed.stderr
+    assert not (tmp_path / "study").exists()
+
+
+def test_sft_then_grpo_and_the_results_table_goes_to_wandb(tmp_path, tiny_model_dir):
+    """GRPO chains like any stage (it trains from the SFT step's model); a step that reports to wandb gets the
+    study's table there too (offline here)."""
+    overrides = {"model_name_or_path": str(tiny_model_dir), "max_steps": 1, "max_samples": 8, "eval_dataset": []}
+    overrides |= {"eval_steps": None, "save_steps": None, "report_to": ["wandb"]}
+    grpo = {"stage": "grpo", "reward_funcs": ["configs/demo_rewards.py:digits_only"], "num_generations": 4}
+    grpo |= {"max_completion_length": 8, "per_device_train_batch_size": 8, "max_steps": 1, "max_samples": 8}
+    grpo |= {"eval_dataset": [], "eval_steps": None, "save_steps": None}
+    study = {"output_dir": str(tmp_path / "study"), "base": "configs/demo.yaml"}
+    steps = [{"name": "sft", "overrides": overrides}, {"name": "grpo", "overrides": grpo}]
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(study | {"steps": steps}))
+    run_sft([str(path)], script="run.py")  # wandb offline (conftest)
+    config = yaml.safe_load((tmp_path / "study" / "grpo" / "config.yaml").read_text())
+    assert config["model_name_or_path"] == str((tmp_path / "study" / "sft").resolve())
+    (table,) = (tmp_path / "study" / "wandb").glob("offline-run-*/files/media/table/study/results_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:5] == ["step", "stage", "dataset", "metric", "value"]
+    assert [row[:4] for row in logged["data"]] == [
+        ["sft", "sft", "train", "loss"],
+        ["grpo", "grpo", "train", "loss"],
+        ["grpo", "grpo", "train", "reward"],
+    ]

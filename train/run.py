@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = parser.parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(
+                f"train/run.py runs a study in one process, but {os.environ['WORLD_SIZE']} were launched: run it with "
+                "python (not yet under a multi-process accelerate launch; see docs/pipeline.md)"
+            )
         from llmhalluc.cli.pipeline import describe, read_plan, run_plan
 
         steps, root = read_plan(Path(args.plan))

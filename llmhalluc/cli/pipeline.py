@@ -32,10 +32,12 @@ from typing import Any
 
 import yaml
 
+from llmhalluc.cli.harness import LmEval, lm_eval_done, lm_eval_scores, run_lm_eval
 from llmhalluc.config import Config, load_config
 from llmhalluc.errors import ConfigError, UserError
 
 STEP_KEYS = {"name", "config", "overrides", "model", "do_train", "do_merge", "do_eval"}
+STEP_KEYS |= {"lm_eval_tasks", "lm_eval_include_path", "lm_eval_args"}
 PLAN_KEYS = {"output_dir", "base", "steps"}
 EVAL_TAG = "pipeline"
 FINISHED = "finished"
@@ -51,6 +53,7 @@ class Step:
     do_train: bool
     do_merge: bool
     do_eval: bool
+    lm_eval: LmEval | None = None  # lm-eval tasks scored on the step's model
 
     @property
     def output_dir(self) -> Path:
@@ -88,7 +91,14 @@ class Step:
             left.append(f"train (resume from {checkpoint.name})" if checkpoint else "train")
         if self.do_eval and not self.evaluated():
             left.append("evaluate")
+        if self.lm_eval is not None and not lm_eval_done(self.output_dir):
+            left.append("lm-eval " + ",".join(self.lm_eval.tasks))
         return left
+
+    @property
+    def evaluated_model(self) -> Path:
+        """The model the step's evaluations score: its trained model, else the one it was given."""
+        return self.model_out if self.do_train else Path(self.config.model.model_name_or_path)
 
 
 def read_plan(path: Path) -> tuple[list[Step], Path]:
@@ -158,7 +168,7 @@ def read_plan(path: Path) -> tuple[list[Step], Path]:
             raise ConfigError(f"{where}: do_eval needs eval_dataset (the datasets its model is evaluated on)")
         if do_merge and config.model.finetuning_type != "lora":
             raise ConfigError(f"{where}: do_merge merges a LoRA adapter, but finetuning_type is full")
-        steps.append(Step(name, config, source, do_train, do_merge, do_eval))
+        steps.append(Step(name, config, source, do_train, do_merge, do_eval, LmEval.of(entry, where, path.parent)))
     for step in steps:
         if step.source is not None:
             before = steps_by_name(steps)[step.source]
@@ -239,13 +249,21 @@ def run_plan(steps: list[Step], root: Path) -> list[dict[str, Any]]:
             config = with_values(step.config, "run", resume_from_checkpoint="auto")
             AcceleratorState._reset_state(reset_partial_state=True)  # each step builds its own launch state
             GradientState._reset_state()
-            train(config)
+            train(config, last=False)
         if step.do_eval and not step.evaluated():
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-            evaluate_model(with_values(step.config, "generation", eval_tag=EVAL_TAG))
+            evaluate_model(with_values(step.config, "generation", eval_tag=EVAL_TAG), last=False)
+        if step.lm_eval is not None and not lm_eval_done(step.output_dir):
+            run_lm_eval(step.lm_eval, step.evaluated_model, step.config.data.backtrack_target(), step.output_dir)
+    import torch.distributed
+
+    if torch.distributed.is_initialized():  # the steps kept it for each other; every process is done with it now
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     rows = results_rows(steps)
     write_results(root, rows)
+    log_results_table(steps, rows, root)
     return rows
 
 
@@ -274,7 +292,7 @@ def results_rows(steps: list[Step]) -> list[dict[str, Any]]:
         base = {
             "step": step.name,
             "stage": step.config.training.stage if step.do_train else "eval",
-            "model": str((step.model_out if step.do_train else Path(step.config.model.model_name_or_path)).resolve()),
+            "model": str(step.evaluated_model.resolve()),
             "config_hash": digest,
             "commit": revision,
         }
@@ -300,8 +318,31 @@ def results_rows(steps: list[Step]) -> list[dict[str, Any]]:
                 for metric, value in values.items():
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         found[dataset, metric] = value
+        found |= {
+            (f"lm-eval {task}", metric): value for (task, metric), value in lm_eval_scores(step.output_dir).items()
+        }
         rows += [base | {"dataset": d, "metric": m, "value": v} for (d, m), v in found.items()]
     return rows
+
+
+COLUMNS = ["step", "stage", "dataset", "metric", "value", "model", "config_hash", "commit"]
+
+
+def log_results_table(steps: list[Step], rows: list[dict[str, Any]], root: Path) -> None:
+    """The results as a wandb table (`study/results`) in a run of its own, when a step reports to wandb."""
+    import os
+
+    reporting = [step for step in steps if "wandb" in step.config.run.report_to]
+    if not reporting or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from llmhalluc.runtime.tracking import start_wandb
+
+    config = with_values(reporting[0].config, "run", run_name=f"{root.name}-results")
+    run = start_wandb(config, root, {"study_steps": [step.name for step in steps]})
+    import wandb
+
+    run.log({"study/results": wandb.Table(columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])})
+    run.finish()
 
 
 def write_results(root: Path, rows: list[dict[str, Any]]) -> None:
@@ -311,7 +352,7 @@ def write_results(root: Path, rows: list[dict[str, Any]]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     root.mkdir(parents=True, exist_ok=True)
-    columns = ["step", "stage", "dataset", "metric", "value", "model", "config_hash", "commit"]
+    columns = COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
         value = row["value"]

@@ -46,9 +46,9 @@ from llmhalluc.train.stage import SFT_STAGE, Stage
 STAGES = {"sft": SFT_STAGE, "dpo": DPO_STAGE, "grpo": GRPO_STAGE}  # the config's `stage` -> what it trains
 
 
-def train(config: Config, stage: Stage | None = None) -> Path:
+def train(config: Config, stage: Stage | None = None, last: bool = True) -> Path:
     """Run the experiment described by `config` with its stage's objective (or `stage`); returns the output_dir
-    holding the final model."""
+    holding the final model. `last=False` (a study's steps) keeps the process group for the next run."""
     stage = stage or STAGES[config.training.stage]
     run = setup(config, stage)
     state = load_checkpoint(run) if run.resume_from is not None else TrainerState.start(run)
@@ -115,7 +115,8 @@ def train(config: Config, stage: Stage | None = None) -> Path:
         # and free_memory's full garbage collection would only cost time.
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
             run.accelerator.free_memory()
-        run.accelerator.end_training()
+        if last:  # accelerate's end_training destroys the process group
+            run.accelerator.end_training()
     return run.output_dir
 
 

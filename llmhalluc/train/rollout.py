@@ -32,6 +32,7 @@ from llmhalluc.errors import UserError
 from llmhalluc.eval.generation import decode, meant_text
 from llmhalluc.eval.references import load_eval_set
 from llmhalluc.eval.rewards import Reward, Scoring, build_rewards
+from llmhalluc.runtime.dist import data_preparation_turns
 from llmhalluc.runtime.tracking import drop_rows_after
 from llmhalluc.train.feed import TrainData, accumulation_windows, seeded_loader
 from llmhalluc.train.rollout_batch import advantages, attach_logps, build_micro_batches, empty_sums
@@ -97,7 +98,8 @@ def prompts_summary(config: Config, stats: DatasetStats, processes: int) -> str:
 def prepare_prompts(config: Config, tokenizer: Any, accelerator: Any, layout: str) -> TrainData:
     """The prompts in seeded global batches of prompts for this process."""
     training, rl = config.training, config.rl
-    items, stats = load_prompts(config, tokenizer)
+    with data_preparation_turns(accelerator):  # one process fills the datasets cache first, as for SFT data
+        items, stats = load_prompts(config, tokenizer)
     accelerator.print(prompts_summary(config, stats, accelerator.num_processes))
     per_rank = training.per_device_train_batch_size * training.gradient_accumulation_steps // rl.num_generations
     by_prompt = dataclasses.replace(training, per_device_train_batch_size=per_rank, gradient_accumulation_steps=1)
