@@ -255,6 +255,22 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def write_lm_eval_task(folder: Path, task: str, rows: list[dict], max_tokens: int) -> Path:
+    """A local lm-eval generate_until task (question -> answer rows, greedy, exact match), as researchers write
+    theirs for --include_path; returns its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        f"generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: {max_tokens}\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return folder
+
+
 def write_chats(folder: Path, name: str, chats: list[list[dict]], formatting: str = "openai") -> Path:
     """A dataset_dir holding `chats` as name.jsonl and a dataset_info.json entry for it."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_sft
+from conftest import REPO, run_sft, write_lm_eval_task
 
 from llmhalluc.config import load_config
 from llmhalluc.errors import DataError
@@ -303,18 +303,8 @@ def test_lm_eval_with_backtracks_applied_returns_train_eval_predictions(overfit,
         "eval",
     )
     items = load_eval_set("users_eval", config.data).items
-    task = tmp_path / "task"
-    task.mkdir()
     rows = [{"question": i.prompt[-1]["content"], "answer": i.references[0]} for i in items]
-    (task / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (task / "users.yaml").write_text(
-        "task: llmhalluc_users\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {task / 'rows.jsonl'}\n"
-        "test_split: test\noutput_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        "generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: 24\n"
-        "metric_list:\n  - metric: exact_match\n"
-    )
+    task = write_lm_eval_task(tmp_path / "task", "llmhalluc_users", rows, 24)
     command = [
         sys.executable,
         "-m",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, read_metrics, run_sft
+from conftest import REPO, read_metrics, run_sft, write_lm_eval_task
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -32,20 +32,9 @@ loop.save_checkpoint = saving
 
 def demo_task(root: Path) -> Path:
     """A local lm-eval generate_until task over demo_eval's questions (the researchers write theirs this way)."""
-    folder = root / "task"
-    folder.mkdir(parents=True, exist_ok=True)
     chats = [json.loads(line)["messages"] for line in (REPO / "data" / "demo_eval.jsonl").read_text().splitlines()]
     rows = [{"question": c[-2]["content"], "answer": c[-1]["content"]} for c in chats[:6]]
-    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "demo.yaml").write_text(
-        "task: llmhalluc_demo\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
-        "test_split: test\noutput_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        "generation_kwargs:\n  until: []\n  do_sample: false\n  max_gen_toks: 16\n"
-        "metric_list:\n  - metric: exact_match\n"
-    )
-    return folder
+    return write_lm_eval_task(root / "task", "llmhalluc_demo", rows, 16)
 
 
 def plan(root: Path, model: Path) -> Path:
