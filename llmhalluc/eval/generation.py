@@ -113,9 +113,14 @@ def generate_hf(
 def left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask, padded on the left (generation continues every row at its end)."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return left_padded_ids(encoded, tokenizer.pad_token_id, device)
+
+
+def left_padded_ids(encoded: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of token id lists, padded on the left with pad_id."""
     longest = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(texts), longest), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), longest), dtype=torch.long)
+    input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), longest), dtype=torch.long)
     for row, ids in enumerate(encoded):
         input_ids[row, longest - len(ids) :] = torch.tensor(ids)
         mask[row, longest - len(ids) :] = 1

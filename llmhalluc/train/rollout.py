@@ -29,7 +29,7 @@ from llmhalluc.data.pipeline import DatasetStats
 from llmhalluc.data.registry import load_rows
 from llmhalluc.data.template import render
 from llmhalluc.errors import UserError
-from llmhalluc.eval.generation import decode, meant_text
+from llmhalluc.eval.generation import decode, left_padded_ids, meant_text
 from llmhalluc.eval.references import load_eval_set
 from llmhalluc.eval.rewards import Reward, Scoring, build_rewards
 from llmhalluc.runtime.dist import data_preparation_turns
@@ -136,18 +136,9 @@ def generate_completions(run: Any, prompt_ids: list[list[int]], generation: int)
         torch.manual_seed(generation_seed(config.training.seed, generation, accelerator.process_index))
         for start in range(0, len(prompt_ids), size):
             chunk = prompt_ids[start : start + size]
-            longest = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), longest), facts.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, longest - len(ids) :] = torch.tensor(ids)
-                mask[row, longest - len(ids) :] = 1
-            output = network.generate(
-                input_ids=input_ids.to(accelerator.device),
-                attention_mask=mask.to(accelerator.device),
-                generation_config=settings,
-            )
-            completions += output[:, longest:].tolist()
+            inputs = left_padded_ids(chunk, facts.pad_id, accelerator.device)
+            output = network.generate(**inputs, generation_config=settings)
+            completions += output[:, inputs["input_ids"].shape[1] :].tolist()
     network.train()
     return completions
 
