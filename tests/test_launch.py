@@ -315,21 +315,21 @@ def test_two_machines_on_loopback_train_like_one_machine_with_two_processes(tmp_
 
 
 def test_pipeline_sbatch_runs_the_plan_and_requeues_the_study(tmp_path):
-    """scripts/slurm/pipeline.sbatch launches train/run.py PLAN in one process (the plan resumes its own steps) and
-    requeues the job when the study stopped for the time limit (PREEMPTED at the plan's output_dir)."""
+    """scripts/slurm/pipeline.sbatch launches train/run.py PLAN on every GPU of every node (the plan resumes its own
+    steps) and requeues the job when the study stopped for the time limit (PREEMPTED at the plan's output_dir)."""
     plan = tmp_path / "plan.yaml"
     study = tmp_path / "study"
     plan.write_text(f"output_dir: {study}\nbase: configs/demo.yaml\nsteps:\n  - name: sft\n")
-    run_sbatch(tmp_path, nodes=1, hosts="gpu01")  # writes the stubs
+    run_sbatch(tmp_path, nodes=2, hosts="gpu01 gpu02")  # writes the stubs
     env = {
         **os.environ,
         "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
         "PYTHON": sys.executable,
         "STUB_LOG": str(tmp_path / "study.log"),
-        "STUB_HOSTS": "gpu01",
+        "STUB_HOSTS": "gpu01 gpu02",
         "SLURM_JOB_ID": "77",
-        "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_JOB_NODELIST": "gpu01",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
         "SLURM_GPUS_ON_NODE": "8",
         "MAIN_PORT": "29555",
         "STUB_PREEMPT_DIR": str(study),
@@ -339,7 +339,7 @@ def test_pipeline_sbatch_runs_the_plan_and_requeues_the_study(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     calls = (tmp_path / "study.log").read_text()
-    assert "--num_machines 1 --num_processes 1 --machine_rank 0" in calls  # a study runs in one process
+    assert "--num_machines 2 --num_processes 16 --machine_rank 0" in calls  # every GPU runs the plan
     assert f"--main_process_ip gpu01 --main_process_port 29555 train/run.py {plan}\n" in calls
     assert "resume_from_checkpoint" not in calls and "scontrol requeue 77" in calls
     bad = subprocess.run(

@@ -31,28 +31,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = parser.parse_args(argv)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError(
-                f"train/run.py runs a study in one process, but {os.environ['WORLD_SIZE']} were launched: run it with "
-                "python (not yet under a multi-process accelerate launch; see docs/pipeline.md)"
-            )
-        from llmhalluc.cli.pipeline import describe, read_plan, run_plan
+        from llmhalluc.cli.pipeline import describe, is_main_process, read_plan, run_plan
 
         steps, root = read_plan(Path(args.plan))
         if args.output_dir:
             print(root)
             return 0
         marker = root / PREEMPTED_MARKER
-        if int(os.environ.get("RANK", "0")) == 0:
+        main_process = is_main_process()
+        if main_process:
             marker.unlink(missing_ok=True)
-        print(describe(steps), flush=True)
+            print(describe(steps), flush=True)
         if args.dry_run:
-            print("dry run: nothing was trained or written")
+            if main_process:
+                print("dry run: nothing was trained or written")
             return 0
         rows = run_plan(steps, root)
-        print(f"study finished: {len(rows)} results in {root / 'results.md'}")
+        if main_process:
+            print(f"study finished: {len(rows)} results in {root / 'results.md'}")
     except Preempted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:  # scripts/slurm/pipeline.sbatch requeues the study
+        if main_process:  # scripts/slurm/pipeline.sbatch requeues the study
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{stop}\n")
         return report_and_exit_code(stop)

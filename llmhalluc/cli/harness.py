@@ -51,11 +51,14 @@ def lm_eval_done(output_dir: Path) -> bool:
     return (output_dir / RESULTS).is_file()
 
 
-def run_lm_eval(spec: LmEval, model: Path, backtrack_token: str | None, output_dir: Path) -> None:
-    """Score `model` on the tasks and write the scores."""
+def run_lm_eval(spec: LmEval, model: Path, backtrack_token: str | None, output_dir: Path, main: bool = True) -> None:
+    """Score `model` on the tasks and write the scores (by the main process). Under a multi-process launch every
+    process calls it: lm-eval splits the requests over the GPUs and gathers the scores on the main process."""
+    scores = evaluate_tasks(spec, model, backtrack_token)
+    if not main:
+        return
     results = output_dir / RESULTS
     results.parent.mkdir(parents=True, exist_ok=True)
-    scores = evaluate_tasks(spec, model, backtrack_token)
     temporary = results.with_suffix(".tmp")
     temporary.write_text(json.dumps({"model": str(model), "tasks": spec.tasks, "results": scores}, indent=1) + "\n")
     temporary.replace(results)
@@ -76,9 +79,14 @@ def evaluate_tasks(spec: LmEval, model: Path, backtrack_token: str | None) -> di
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"apply_chat_template": True, "batch_size": 8, "device": device} | spec.args
     manager = TaskManager(include_path=spec.include_path) if spec.include_path else TaskManager()
-    output = lm_eval.simple_evaluate(
-        model="llmhalluc-hf", model_args=model_args, tasks=spec.tasks, task_manager=manager, **options
-    )
+    from llmhalluc.runtime.dist import deepspeed_off
+
+    with deepspeed_off():
+        output = lm_eval.simple_evaluate(
+            model="llmhalluc-hf", model_args=model_args, tasks=spec.tasks, task_manager=manager, **options
+        )
+    if output is None:  # a process other than the main one of a data-parallel evaluation
+        return {}
     return {
         task: {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         for task, values in output["results"].items()

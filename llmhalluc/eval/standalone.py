@@ -53,7 +53,7 @@ def results_dir(config: Config, started: datetime.datetime) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def evaluate_model(config: Config, last: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate_model(config: Config, keep_process_group: bool = False) -> dict[str, dict[str, Any]]:
     """Generate for every eval dataset, score, write output_dir/eval/<tag>/<dataset>/predictions.jsonl and
     output_dir/eval/<tag>/results.json, print the table, report to wandb; returns the results."""
     check_engine(config.generation.engine)
@@ -95,7 +95,7 @@ def evaluate_model(config: Config, last: bool = True) -> dict[str, dict[str, Any
             report_to_wandb(config, results, out_dir)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the engine goes before the process group
         accelerator.free_memory()
-    if last:  # accelerate's end_training destroys the process group
+    if not keep_process_group:  # accelerate's end_training destroys the process group
         accelerator.end_training()
     return results
 

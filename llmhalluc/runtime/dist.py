@@ -7,6 +7,7 @@ import difflib
 import functools
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,6 +31,11 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 def build_accelerator(config: Config) -> Accelerator:
     """An Accelerator whose process count matches the launcher's, on NCCL with GPUs and gloo without."""
+    # DeepSpeed 0.19 calls torch's renamed collectives on every ZeRO gather: nothing a user can act on, and re-armed
+    # whenever a library touches the warning filters, it printed hundreds of times in a 2-step study.
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
+    )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     on_cpu = not torch.cuda.is_available()
@@ -238,6 +244,24 @@ def zero3_init_disabled(accelerator: Accelerator) -> Iterator[None]:
     finally:
         if held is not None:
             set_hf_deepspeed_config(held)
+
+
+@contextmanager
+def deepspeed_off() -> Iterator[None]:
+    """A block in which an Accelerator built by other code (lm-eval's) is a plain one on a DeepSpeed launch, and
+    models load whole: lm-eval replicates the model on every process and splits the requests between them."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    held = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED")
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = held
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:

@@ -46,9 +46,9 @@ from llmhalluc.train.stage import SFT_STAGE, Stage
 STAGES = {"sft": SFT_STAGE, "dpo": DPO_STAGE, "grpo": GRPO_STAGE}  # the config's `stage` -> what it trains
 
 
-def train(config: Config, stage: Stage | None = None, last: bool = True) -> Path:
+def train(config: Config, stage: Stage | None = None, keep_process_group: bool = False) -> Path:
     """Run the experiment described by `config` with its stage's objective (or `stage`); returns the output_dir
-    holding the final model. `last=False` (a study's steps) keeps the process group for the next run."""
+    holding the final model. `keep_process_group` (a study's steps) leaves the process group for the next run."""
     stage = stage or STAGES[config.training.stage]
     run = setup(config, stage)
     state = load_checkpoint(run) if run.resume_from is not None else TrainerState.start(run)
@@ -70,8 +70,8 @@ def train(config: Config, stage: Stage | None = None, last: bool = True) -> Path
             meter.add(result, lr)
             run.schedule.step(result.applied)
             state.advance(result.applied, meter.last_step_seconds, run.data.sampler.global_batch)
-            step, last = state.step, state.step == run.total_steps
-            saving, stopping = cadence.saves(step), result.preempt and not last
+            step = state.step
+            saving, stopping = cadence.saves(step), result.preempt and step < run.total_steps
             diverged = state.nonfinite_steps >= config.training.max_nonfinite_steps
             # A row at every checkpoint too, so a resumed run's rows cover the same steps as an uninterrupted run's.
             if cadence.logs(step) or saving or stopping or diverged:
@@ -115,7 +115,7 @@ def train(config: Config, stage: Stage | None = None, last: bool = True) -> Path
         # and free_memory's full garbage collection would only cost time.
         if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
             run.accelerator.free_memory()
-        if last:  # accelerate's end_training destroys the process group
+        if not keep_process_group:  # accelerate's end_training destroys the process group
             run.accelerator.end_training()
     return run.output_dir
 
