@@ -60,7 +60,8 @@ def preload() -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(REPO / "train"))
     import deepspeed
-    import deepspeed.runtime.engine  # noqa: F401
+    import deepspeed.runtime.engine
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (torch.compile at import: ~3 s per ZeRO run)
     import eval as eval_entry
     import matplotlib.backends.backend_agg
     import matplotlib.figure  # noqa: F401  (loss.png at every checkpoint: ~1 s of imports per run otherwise)
