@@ -2,7 +2,7 @@
 
 One run, or several on the same axes for comparison (labelled by run name): train loss (raw and smoothed), eval
 loss (for GRPO runs, which have none, the mean reward), learning rate and grad norm against the optimizer step.
-Training writes output_dir/loss.png at every checkpoint and at the end.
+Training writes output_dir/loss.png at checkpoints (at most once a minute) and at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,21 @@ def write_loss_plot(output_dir: Path) -> dict[str, Any] | None:
     except Exception as err:
         print(f"warning: could not write {output_dir / 'loss.png'}: {err}", flush=True)
         return None
+
+
+class LossPlot:
+    """A run's loss.png, redrawn at checkpoints at most every `interval_seconds` (a redraw takes ~0.3 s of a CPU
+    core on the main process, which the other processes wait for); the run's end always draws it (RunRecord)."""
+
+    def __init__(self, output_dir: Path, interval_seconds: float = 60.0) -> None:
+        self.output_dir, self.interval_seconds = output_dir, interval_seconds
+        self.drawn_at = time.monotonic()  # a run shorter than the interval is drawn once, at its end
+
+    def refresh(self) -> None:
+        """Redraw, unless the last drawing is recent."""
+        if time.monotonic() - self.drawn_at >= self.interval_seconds:
+            write_loss_plot(self.output_dir)
+            self.drawn_at = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import REPO, read_metrics, run_sft, write_chats
 
-from llmhalluc.plot import plot_runs
+import llmhalluc.plot as plot_module
+from llmhalluc.plot import LossPlot, plot_runs
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,17 @@ def test_throughput_excludes_evaluation_and_saving(small_run):
     assert all(r["step_time"] < 1.0 for r in training), [r["step_time"] for r in training]
     for r in training:
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["step_time"], rel=1e-6)
+
+
+def test_checkpoints_redraw_the_plot_at_most_once_per_interval(monkeypatch, tmp_path):
+    drawn, clock = [], [100.0]
+    monkeypatch.setattr(plot_module, "write_loss_plot", drawn.append)
+    monkeypatch.setattr(plot_module, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    plot = LossPlot(tmp_path, interval_seconds=60)
+    for now in (101.0, 159.9, 160.0, 200.0, 220.1):  # started at 100: draws at 160 and 220.1 only
+        clock[0] = now
+        plot.refresh()
+    assert drawn == [tmp_path, tmp_path]
 
 
 def test_the_run_ends_with_a_report_a_completed_summary_and_a_plot(small_run):

@@ -28,7 +28,7 @@ from llmhalluc.data.batching import eval_batches
 from llmhalluc.errors import Diverged
 from llmhalluc.eval.runner import evaluate_generations, metric_rows
 from llmhalluc.models.export import merge_adapter, save_model
-from llmhalluc.plot import write_loss_plot
+from llmhalluc.plot import LossPlot
 from llmhalluc.runtime.dist import zero3_init_disabled
 from llmhalluc.runtime.tracking import MetricsLogger
 from llmhalluc.train.best import BestModel, load_best_model
@@ -59,7 +59,7 @@ def train(config: Config, stage: Stage | None = None, keep_process_group: bool =
     windows = stage.windows(run, state.step)
     meter = WindowMeter(run.accelerator, stage.objective, config.data.dataset, run.flops)
     cadence, watch, status = Cadence.of(config, run.total_steps), PreemptionWatch(), "failed"
-    best = BestModel(config, state, record.is_main)
+    best, plot = BestModel(config, state, record.is_main), LossPlot(run.output_dir)
     try:
         run.model.train()
         while state.step < run.total_steps and not best.stop:
@@ -90,7 +90,7 @@ def train(config: Config, stage: Stage | None = None, keep_process_group: bool =
             if saving or stopping:
                 save_checkpoint(run, state)
                 if run.accelerator.is_main_process:
-                    write_loss_plot(run.output_dir)
+                    plot.refresh()
             if stopping:
                 status = "preempted"
                 stop_for_preemption(run.accelerator, run.output_dir, state, watch)
