@@ -30,6 +30,7 @@ class BacktrackHFLM(HFLM):
 
     def __init__(self, *args: Any, backtrack_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        use_global_rank(self)
         self.backtrack_id = None
         if backtrack_token is not None:
             token_id = self.tokenizer.convert_tokens_to_ids(backtrack_token)
@@ -50,6 +51,15 @@ class BacktrackHFLM(HFLM):
         return self.tokenizer.decode(
             tokens, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+def use_global_rank(lm: HFLM) -> None:
+    """Data-parallel lm-eval on several nodes: HFLM takes its rank from the node-local index while its world size
+    counts every process, so each node would score the first shards (the rest never) and more than one process would
+    gather as rank 0. The rank is the launch's global one."""
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and lm.world_size > 1:
+        lm._rank = accelerator.process_index
 
 
 def main() -> None:

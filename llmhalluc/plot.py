@@ -90,7 +90,8 @@ def write_loss_plot(output_dir: Path) -> dict[str, Any] | None:
 
 class LossPlot:
     """A run's loss.png, redrawn at checkpoints at most every `interval_seconds` (a redraw takes ~0.3 s of a CPU
-    core on the main process, which the other processes wait for); the run's end always draws it (RunRecord)."""
+    core on the main process, which the other processes wait for); the run's end draws it too, crashed or not
+    (RunRecord.finish). Only a run killed outright (SIGKILL) keeps the plot of its last redraw, or none."""
 
     def __init__(self, output_dir: Path, interval_seconds: float = 60.0) -> None:
         self.output_dir, self.interval_seconds = output_dir, interval_seconds

@@ -71,6 +71,7 @@ def preload() -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import llmhalluc.cli.pipeline
+    import llmhalluc.cli.study
     import llmhalluc.eval.standalone
     import llmhalluc.train.loop  # noqa: F401
 

@@ -6,6 +6,7 @@ lm-eval through the llmhalluc-hf model type, both with backtracks applied."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -338,3 +339,32 @@ def test_lm_eval_with_backtracks_applied_returns_train_eval_predictions(overfit,
 
     with pytest.raises(UserError, match=re.escape("backtrack_token: '<|NOPE|>' is not a token of the tokenizer")):
         BacktrackHFLM(pretrained=str(overfit["out"]), backtrack_token="<|NOPE|>", device="cpu")
+
+
+def test_data_parallel_lm_eval_takes_the_global_rank():
+    """On 2 nodes x 8 GPUs lm-eval's HFLM ranks each process by its index on its node (0-7 twice) while it splits
+    the requests 16 ways: the toolkit's model type takes the launch's global rank."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from llmhalluc.lm_eval import use_global_rank
+
+    lm = SimpleNamespace(accelerator=SimpleNamespace(process_index=9, local_process_index=1), world_size=16, _rank=1)
+    use_global_rank(lm)
+    assert lm._rank == 9
+    alone = SimpleNamespace(world_size=1, _rank=0)  # one process: no accelerator, nothing to change
+    use_global_rank(alone)
+    assert alone._rank == 0
+
+
+@pytest.mark.parametrize("held", ["true", None])
+def test_lm_eval_runs_without_deepspeed_and_the_launch_environment_is_restored(monkeypatch, held):
+    from llmhalluc.runtime.dist import deepspeed_off
+
+    if held is None:
+        monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", held)
+    with deepspeed_off():
+        assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "false"
+    assert os.environ.get("ACCELERATE_USE_DEEPSPEED") == held

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -207,6 +209,31 @@ def test_a_2_process_zero3_launch_runs_the_study_as_one_process_does(studies, tm
     assert [row[4] for row in rows] == pytest.approx([row[4] for row in alone], rel=1e-4, abs=1e-6)
     for step in ("sft/merged", "dpo"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "study" / step)
+
+
+def test_a_signal_at_a_steps_last_training_step_stops_the_study_before_the_next(tmp_path, tiny_model_dir, monkeypatch):
+    """A preemption signal the training loop did not act on (it came at the run's last step, so the run finished)
+    passes to the study's watch, which stops the study before its next step: Preempted, for which train/run.py writes
+    PREEMPTED and pipeline.sbatch requeues; the signal handlers are put back."""
+    import llmhalluc.train.loop as loop
+    from llmhalluc.cli.pipeline import read_plan
+    from llmhalluc.cli.study import run_plan
+    from llmhalluc.train.preemption import Preempted, PreemptionWatch
+
+    trained = []
+
+    def train(config, keep_process_group=False):
+        watch = PreemptionWatch()  # the loop's own, inside the study's
+        os.kill(os.getpid(), signal.SIGUSR1)
+        watch.restore()
+        trained.append(config)
+
+    monkeypatch.setattr(loop, "train", train)
+    before = signal.getsignal(signal.SIGUSR1)
+    steps, root = read_plan(plan(tmp_path, tiny_model_dir))
+    with pytest.raises(Preempted, match="the study stopped before step dpo"):
+        run_plan(steps, root)
+    assert len(trained) == 1 and signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_sft_then_grpo_and_the_results_table_goes_to_wandb(tmp_path, tiny_model_dir):

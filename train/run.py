@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     args = parser.parse_args(argv)
     try:
-        from llmhalluc.cli.pipeline import describe, is_main_process, read_plan, run_plan
+        from llmhalluc.cli.pipeline import describe, read_plan
+        from llmhalluc.cli.study import is_main_process, run_plan
 
         steps, root = read_plan(Path(args.plan))
         if args.output_dir:

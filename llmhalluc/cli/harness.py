@@ -1,6 +1,7 @@
 """A study step's lm-eval tasks: lm-eval's own or the researchers' task YAMLs (lm_eval_include_path), run on the
-step's model with the `llmhalluc-hf` model type (continuations read after their backtracks), in the study's process;
-the scores go to <step>/lm_eval/results.json, written last."""
+step's model with the `llmhalluc-hf` model type (continuations read after their backtracks), on every process of the
+study (lm-eval's data parallelism on GPUs); the scores go to <step>/lm_eval/results.json, written last by the main
+process."""
 
 from __future__ import annotations
 

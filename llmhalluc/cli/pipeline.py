@@ -26,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmhalluc.cli.harness import LmEval, lm_eval_done, lm_eval_scores, run_lm_eval
+from llmhalluc.cli.harness import LmEval, lm_eval_done, lm_eval_scores
 from llmhalluc.config import Config, load_config
 from llmhalluc.errors import ConfigError, UserError
 
@@ -233,52 +232,6 @@ def describe(steps: list[Step]) -> str:
             f"{step.name}: {kind(step)}, {' + '.join(actions)}; model {model}; output {step.output_dir}; {status}"
         )
     return "\n".join(lines)
-
-
-def run_plan(steps: list[Step], root: Path) -> list[dict[str, Any]]:
-    """Run what is left of every step, in order; then write the study's results table at `root`. Under a
-    multi-process launch every process runs the plan: training, evaluation and lm-eval are collective."""
-    import torch.distributed
-    from accelerate.state import AcceleratorState, GradientState
-
-    from llmhalluc.eval.standalone import evaluate_model
-    from llmhalluc.train.loop import train
-
-    main = is_main_process()
-    for step in steps:
-        if torch.distributed.is_initialized():  # every process decides what is left from the same files
-            torch.distributed.barrier()
-        left = step.todo()
-        if main:
-            print(f"=== step {step.name}: {', '.join(left) if left else 'done, skipped'}", flush=True)
-        if step.do_train and not step.trained():
-            # auto: resume from the newest complete checkpoint, or start again when the step died before its first
-            config = with_values(step.config, "run", resume_from_checkpoint="auto")
-            AcceleratorState._reset_state(reset_partial_state=True)  # each step builds its own launch state
-            GradientState._reset_state()
-            train(config, keep_process_group=True)
-        if step.do_eval and not step.evaluated():
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-            evaluate_model(with_values(step.config, "generation", eval_tag=EVAL_TAG), keep_process_group=True)
-        if step.lm_eval is not None and not lm_eval_done(step.output_dir):
-            AcceleratorState._reset_state(reset_partial_state=True)  # lm-eval builds its own Accelerator
-            GradientState._reset_state()
-            target = step.config.data.backtrack_target()
-            run_lm_eval(step.lm_eval, step.evaluated_model, target, step.output_dir, main)
-    if torch.distributed.is_initialized():  # the steps kept it for each other; every process is done with it now
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    rows = results_rows(steps)
-    if main:
-        write_results(root, rows)
-        log_results_table(steps, rows, root)
-    return rows
-
-
-def is_main_process() -> bool:
-    """Whether this is the launch's first process (or the only one)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def with_values(config: Config, section: str, **values: Any) -> Config:

@@ -45,10 +45,7 @@ def build_accelerator(config: Config) -> Accelerator:
         ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if ds_file:
             check_deepspeed_config(read_deepspeed_json(ds_file), ds_file)
-    kwargs_handlers = [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]
-    if on_cpu and world_size > 1:
-        # Without this, accelerate on a CUDA-less host silently runs N independent single-process jobs.
-        kwargs_handlers = [InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)]
+    kwargs_handlers = [process_group_kwargs()]
     bf16 = config.model.bf16
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -75,6 +72,25 @@ def build_accelerator(config: Config) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         reconcile_deepspeed_config(accelerator, config)
     return accelerator
+
+
+def process_group_kwargs() -> InitProcessGroupKwargs:
+    """How every launch starts its process group: our timeout, and gloo on a CUDA-less host (without it accelerate
+    there silently runs N independent single-process jobs)."""
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def start_process_group() -> None:
+    """Start a multi-process launch's group as build_accelerator would, for code that needs it before any run has
+    built its Accelerator (a study's barriers; lm-eval would otherwise start it with a 52-week timeout)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
+        return
+    from accelerate import PartialState
+
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    PartialState(cpu=not torch.cuda.is_available() and not use_deepspeed, **process_group_kwargs().to_kwargs())
 
 
 def check_process_count(local_processes: int, devices: int) -> None:
@@ -249,7 +265,8 @@ def zero3_init_disabled(accelerator: Accelerator) -> Iterator[None]:
 @contextmanager
 def deepspeed_off() -> Iterator[None]:
     """A block in which an Accelerator built by other code (lm-eval's) is a plain one on a DeepSpeed launch, and
-    models load whole: lm-eval replicates the model on every process and splits the requests between them."""
+    models load whole: lm-eval replicates the model on every process and splits the requests between them. The
+    environment is restored after; transformers' ZeRO-3 setting is not (each later run's Accelerator sets it again)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     held = os.environ.get("ACCELERATE_USE_DEEPSPEED")

@@ -39,7 +39,7 @@ class RunRecord:
         print(startup_lines(run.config, self.summary, self.output_dir), flush=True)
 
     def finish(self, status: str, state: Any, error: str | None = None) -> None:
-        """Complete the summary; for a run that did not crash also plot the losses and print the report."""
+        """Complete the summary and plot the losses; for a run that did not crash also print the report."""
         if not self.is_main:
             return
         fields: dict[str, Any] = {
@@ -49,6 +49,8 @@ class RunRecord:
         }
         if error:
             self._write(fields | {"error": error})
+            if (self.output_dir / METRICS_FILE).is_file():  # the curves up to the crash
+                write_loss_plot(self.output_dir)
             return
         final = final_metrics(self.output_dir, state.train_seconds, state.trained_tokens_seen, state.step)
         if state.best_step is not None:  # metric_for_best_model was evaluated
