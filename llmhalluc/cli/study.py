@@ -45,8 +45,6 @@ def run_plan(steps: list[Step], root: Path) -> list[dict[str, Any]]:
 
 def run_step(step: Step, watch: PreemptionWatch, main: bool) -> None:
     """What is left of one step: train (resuming), evaluate, lm-eval; decided before any of it runs."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from llmhalluc.eval.standalone import evaluate_model
     from llmhalluc.train.loop import train
 
@@ -55,19 +53,25 @@ def run_step(step: Step, watch: PreemptionWatch, main: bool) -> None:
     if training:
         # auto: resume from the newest complete checkpoint, or start again when the step died before its first
         config = with_values(step.config, "run", resume_from_checkpoint="auto")
-        AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own launch state
-        GradientState._reset_state()
+        fresh_launch_state()
         train(config, keep_process_group=True)
     if evaluating:
         stop_if_signalled(watch, f"step {step.name}'s evaluation")
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        fresh_launch_state()
         evaluate_model(with_values(step.config, "generation", eval_tag=EVAL_TAG), keep_process_group=True)
     if scoring:
         stop_if_signalled(watch, f"step {step.name}'s lm-eval")
-        AcceleratorState._reset_state(reset_partial_state=True)  # lm-eval builds its own Accelerator
-        GradientState._reset_state()
+        fresh_launch_state()  # lm-eval builds its own Accelerator
         run_lm_eval(step.lm_eval, step.evaluated_model, step.config.data.backtrack_target(), step.output_dir, main)
+
+
+def fresh_launch_state() -> None:
+    """Forget accelerate's process-wide state (not the process group) so the next run builds its own, as a launch of
+    that run alone would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def stop_if_signalled(watch: PreemptionWatch, before: str) -> None:

@@ -37,7 +37,7 @@ def build_accelerator(config: Config) -> Accelerator:
         "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_deepspeed = launched_with_deepspeed()
     on_cpu = not torch.cuda.is_available()
     if not on_cpu:
         check_process_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
@@ -74,6 +74,11 @@ def build_accelerator(config: Config) -> Accelerator:
     return accelerator
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether accelerate launched this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def process_group_kwargs() -> InitProcessGroupKwargs:
     """How every launch starts its process group: our timeout, and gloo on a CUDA-less host (without it accelerate
     there silently runs N independent single-process jobs)."""
@@ -89,8 +94,8 @@ def start_process_group() -> None:
         return
     from accelerate import PartialState
 
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    PartialState(cpu=not torch.cuda.is_available() and not use_deepspeed, **process_group_kwargs().to_kwargs())
+    on_cpu = not torch.cuda.is_available()
+    PartialState(cpu=on_cpu and not launched_with_deepspeed(), **process_group_kwargs().to_kwargs())
 
 
 def check_process_count(local_processes: int, devices: int) -> None:
